@@ -1,0 +1,40 @@
+"""Shared fixtures: one private local Ray cluster per test session (never attaches to another cluster)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATASETS = REPO_ROOT.parent / "shared" / "datasets"
+
+for _k, _v in {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "WANDB_MODE": "offline",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(_k, _v)
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A private local Ray cluster: ``address="local"`` so it never joins another Ray on this machine."""
+    ray = pytest.importorskip("ray")
+    # short path: Ray's unix socket paths must stay under ~107 characters
+    tmp = tempfile.mkdtemp(prefix="rtr-", dir="/tmp")
+    ray.init(
+        address="local", num_cpus=4, include_dashboard=False, _temp_dir=tmp,
+        log_to_driver=False, ignore_reinit_error=True,
+    )
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
