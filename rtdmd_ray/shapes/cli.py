@@ -1,0 +1,73 @@
+"""`rtdmd-ray shapes <verb>`: ShapeWorld data, training of the teacher and tiny CLIP, and evaluation."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="rtdmd-ray shapes", description=__doc__)
+    sub = parser.add_subparsers(dest="verb", required=True)
+
+    p = sub.add_parser("train-teacher",
+                       help="train the SD3-family ShapeWorld teacher (resumes from <out>/ckpt.pt)")
+    p.add_argument("--out", required=True, help="output dir: ckpt.pt, train_log.jsonl, latest/, final/")
+    p.add_argument("--minutes", type=float, default=75.0,
+                   help="wall-time budget (calibrated into a step count)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="fixed step count (bit-reproducible; skips calibration)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2)
+
+    p = sub.add_parser("train-clip", help="train the tiny CLIP contrastively on ShapeWorld pairs")
+    p.add_argument("--out", required=True, help="output dir (a transformers CLIP dir)")
+    p.add_argument("--minutes", type=float, default=8.0)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+
+    p = sub.add_parser("prompts", help="write the train/test prompt sets (GenEval-style jsonl)")
+    p.add_argument("--out", required=True, help="output dir: train_metadata.jsonl, test_metadata.jsonl")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("eval", help="results table of a teacher on the test captions (markdown + image grid)")
+    p.add_argument("--teacher", default=None, help="teacher dir (default: the shipped assets/teacher)")
+    p.add_argument("--clip", default=None, help="tiny CLIP dir (default: the shipped assets/clip)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--n-captions", type=int, default=1002, help="test captions (balanced over the 6 tags)")
+    p.add_argument("--cfg", type=float, default=None, help="CFG scale (default: pick on a validation set)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+
+    args = parser.parse_args(argv)
+    if args.verb == "train-teacher":
+        from rtdmd_ray.shapes.train_teacher import TeacherTrainConfig, train_teacher
+
+        train_teacher(TeacherTrainConfig(out=args.out, minutes=args.minutes, steps=args.steps, seed=args.seed,
+                                         batch_size=args.batch_size, threads=args.threads))
+        return 0
+    if args.verb == "train-clip":
+        from rtdmd_ray.shapes.train_clip import ClipTrainConfig, train_clip
+
+        train_clip(ClipTrainConfig(out=args.out, minutes=args.minutes, steps=args.steps, seed=args.seed,
+                                   threads=args.threads))
+        return 0
+    if args.verb == "prompts":
+        from pathlib import Path
+
+        from rtdmd_ray.shapes.prompts import split_prompts, write_jsonl
+
+        train, test = split_prompts(args.seed)
+        write_jsonl(train, Path(args.out) / "train_metadata.jsonl")
+        write_jsonl(test, Path(args.out) / "test_metadata.jsonl")
+        print(f"wrote {len(train)} train and {len(test)} test prompts to {args.out}")
+        return 0
+    if args.verb == "eval":
+        from rtdmd_ray.shapes.evaluate import run_eval
+
+        run_eval(teacher_dir=args.teacher, clip_dir=args.clip, out_dir=args.out, n_captions=args.n_captions,
+                 cfg_scale=args.cfg, threads=args.threads, seed=args.seed)
+        return 0
+    parser.error(f"unknown verb {args.verb}")
+    return 2
