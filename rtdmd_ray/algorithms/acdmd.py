@@ -22,8 +22,8 @@ TransitionFn = Callable[..., torch.Tensor]
 
 
 def _bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``[B]`` (or scalar) -> float32 ``[B, 1, ..., 1]`` on ``like``'s device."""
-    t = torch.as_tensor(t, dtype=torch.float32, device=like.device)
+    """``[B]`` (or scalar) -> ``[B, 1, ..., 1]`` in ``like``'s dtype and device."""
+    t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
     if t.ndim == 0:
         t = t.reshape(1)
     return t.reshape(-1, *([1] * (like.ndim - 1)))
@@ -97,11 +97,14 @@ def renoise(
             and ``scale = 1``.
 
     Returns:
-        ``(x_e, target, scale)``: ``x_e`` and ``target`` float32 ``[B, C, H, W]``, ``scale`` float32
-        ``[B, 1, 1, 1]``. The unscaled target is the ``tau``-derivative at ``tau = e`` of the conditional path
-        ``a(tau) x_s + sigma_se(tau) xi``; at ``s = 0`` it is ordinary flow matching, ``xi - x_s``.
+        ``(x_e, target, scale)``: ``x_e`` and ``target`` ``[B, C, H, W]``, ``scale`` ``[B, 1, 1, 1]``, in
+        float32 (float64 for float64 inputs). The unscaled target is the ``tau``-derivative at ``tau = e``
+        of the conditional path ``a(tau) x_s + sigma_se(tau) xi``; at ``s = 0`` it is ordinary flow
+        matching, ``xi - x_s``.
     """
-    x32, xi = x_s.float(), noise.float()
+    # float32 at least (bf16 latents are up-cast); float64 inputs stay float64 for exact checks
+    compute_dtype = torch.promote_types(x_s.dtype, torch.float32)
+    x32, xi = x_s.to(compute_dtype), noise.to(compute_dtype)
     s, e = _bcast(sigma_s, x32), _bcast(sigma_e, x32)
     a = (1.0 - e) / (1.0 - s)
     sigma_se = torch.sqrt(torch.clamp(e**2 - a**2 * s**2, min=1e-12))
@@ -230,7 +233,7 @@ def consistency_loss(
 
     step_fn = transition or _default_transition
     sig0 = torch.as_tensor(sigma_e, dtype=torch.float32, device=x_e.device).reshape(batch)
-    h_anchor = x_e.float() - _bcast(sig0, x_e) * v_e.float()
+    h_anchor = x_e.float() - _bcast(sig0, x_e.float()) * v_e.float()
 
     # The t' sequence is shared by both paths; timesteps stay continuous like the reference.
     t_seq = [n * sig0]
@@ -238,7 +241,7 @@ def consistency_loss(
         t_seq.append(
             torch.clamp(t_seq[-1] - jump_steps[k].to(device=x_e.device, dtype=torch.float32), min=0.0)
         )
-    sig_seq = [t / n for t in t_seq]
+    sig_seq = [sig0] + [t / n for t in t_seq[1:]]
 
     num_paths = 2 if two_sample else 1
     ends = []
@@ -253,7 +256,7 @@ def consistency_loss(
                 noise = torch.randn(x.shape, generator=generator, dtype=torch.float32, device=x.device)
                 x = step_fn(x, v, sig_seq[k], sig_seq[k + 1], noise)
         sig_end = sig_seq[-1]
-        ends.append(x.float() - _bcast(sig_end, x) * velocity_fn(x, sig_end).float())
+        ends.append(x.float() - _bcast(sig_end, x.float()) * velocity_fn(x, sig_end).float())
 
     if two_sample:
         per_elem = (ends[0] - h_anchor) * (ends[1] - h_anchor)
