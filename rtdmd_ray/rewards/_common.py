@@ -240,7 +240,7 @@ def load_or_missing(scorer: str, source: str, loader: Callable[[str], T], *, opt
         raise RewardWeightsMissing(
             f"{scorer}: cannot load {source!r} ({first[:160]}); place it under ${REWARD_CKPT_ENV} (or pass "
             f"ckpt_dir){opt}, or allow a hub download (HF_HUB_OFFLINE=0)"
-        ) from exc
+        ) from None
 
 
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
@@ -307,6 +307,11 @@ def array_split_slices(n: int, max_per_chunk: int) -> list[slice]:
         out.append(slice(start, start + size))
         start += size
     return out
+
+
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """Half/bfloat16 -> float32; float32/float64 unchanged (float64 keeps finite-difference checks exact)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
