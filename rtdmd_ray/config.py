@@ -94,10 +94,10 @@ BACKBONE_FAMILY: dict[str, str] = {
 }
 # Pixels per latent cell side that the resolution must divide (models/*.py `latent_divisor`): the real VAEs
 # downsample 8x, FLUX.1 packs the latent 2x2, FLUX.2 latents are 2x2-patchified; ShapeWorld is a 2x
-# pixel-unshuffle. Tiny backbones use a 1-block VAE family member; 16 keeps every variant's latent even.
+# pixel-unshuffle. The tiny VAEs downsample 2x (models/tiny.py) and their latents must be even.
 RESOLUTION_MULTIPLE_PX: dict[str, int] = {
-    "sd3": 8, "sd35": 8, "flux1": 16, "flux2": 16, "shapes": 4, "tiny_sd3": 16, "tiny_flux1": 16,
-    "tiny_flux2": 16,
+    "sd3": 8, "sd35": 8, "flux1": 16, "flux2": 16, "shapes": 4,
+    "tiny_sd3": 4, "tiny_flux1": 4, "tiny_flux2": 4,
 }
 # Backbones whose weights come from `model.pretrained_path` (tiny ones are built in code).
 NEEDS_PRETRAINED_PATH = frozenset({"sd3", "sd35", "flux1", "flux2", "shapes"})
@@ -525,42 +525,48 @@ class RewardsConfig:
         return self.devices.get(name, self.device)
 
 
+PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+
+
 @dataclass(frozen=True)
-class ResourcesConfig:
-    """Actor counts and per-actor resources, applied where the actors are created (groups.py).
+class RoleResourcesConfig:
+    """Actors of one role and what each reserves (mapped onto groups.RoleResources where actors are created).
 
     Attributes:
-        samplers: rollout sampler actors.
-        reward_workers: reward pool actors (each hosts every training scorer).
-        learner_ranks: learner actors forming one torch.distributed group.
-        eval_workers: actors that generate eval images (rtdmd-ray eval / sample).
-        cpus_per_sampler: CPUs reserved per sampler.
-        gpus_per_sampler: GPUs per sampler (fractions colocate actors on one GPU).
-        cpus_per_reward_worker: CPUs per reward worker.
-        gpus_per_reward_worker: GPUs per reward worker.
-        cpus_per_learner: CPUs per learner rank.
-        gpus_per_learner: GPUs per learner rank.
-        cpus_per_eval_worker: CPUs per eval worker.
-        gpus_per_eval_worker: GPUs per eval worker.
-        placement_strategy: Ray placement-group strategy for the actors.
+        count: number of actors.
+        cpus_per_actor: logical CPUs reserved per actor (fractions allowed).
+        gpus_per_actor: GPUs per actor (fractions colocate actors on one GPU; above 1 it must be whole).
+        max_restarts: how often Ray restarts a dead actor (-1 = forever, 0 = never).
+        max_task_retries: how often a call on a restarted actor is retried (-1 = forever); needs max_restarts.
+        placement: Ray placement-group strategy for this role's actors.
+    """
+
+    count: int = 1
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    max_restarts: int = 0
+    max_task_retries: int = 0
+    placement: PlacementStrategy = "PACK"
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    """Actor counts and per-actor resources per role, applied where the actors are created (groups.py).
+
+    Attributes:
+        sampler: rollout sampler actors.
+        reward_worker: reward pool actors (each hosts every training scorer).
+        learner: learner ranks forming one torch.distributed group.
+        eval_worker: actors that generate eval images (rtdmd-ray eval / sample).
         learner_parallelism: "ddp" (replicated) or "fsdp2" (fully_shard).
         fsdp_shard_ranks: FSDP2 shard-group size; 0 = shard over all ranks, else hybrid (replicate across
             groups).
     """
 
-    samplers: int = 1
-    reward_workers: int = 1
-    learner_ranks: int = 1
-    eval_workers: int = 1
-    cpus_per_sampler: float = 1.0
-    gpus_per_sampler: float = 0.0
-    cpus_per_reward_worker: float = 1.0
-    gpus_per_reward_worker: float = 0.0
-    cpus_per_learner: float = 1.0
-    gpus_per_learner: float = 0.0
-    cpus_per_eval_worker: float = 1.0
-    gpus_per_eval_worker: float = 0.0
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    sampler: RoleResourcesConfig = field(default_factory=RoleResourcesConfig)
+    reward_worker: RoleResourcesConfig = field(default_factory=RoleResourcesConfig)
+    learner: RoleResourcesConfig = field(default_factory=RoleResourcesConfig)
+    eval_worker: RoleResourcesConfig = field(default_factory=RoleResourcesConfig)
     learner_parallelism: Literal["ddp", "fsdp2"] = "fsdp2"
     fsdp_shard_ranks: int = 0
 
@@ -718,17 +724,17 @@ class Config:
     @property
     def cold_start_prompts_per_rank(self) -> int:
         """Cold-start prompts per learner rank per iteration."""
-        return self.dmd.prompts_per_step // self.resources.learner_ranks
+        return self.dmd.prompts_per_step // self.resources.learner.count
 
     @property
     def images_per_sampler_per_step(self) -> int:
         """Images each sampler produces per rollout step."""
-        return self.grpo.images_per_step // self.resources.samplers
+        return self.grpo.images_per_step // self.resources.sampler.count
 
     @property
     def images_per_rank_per_epoch(self) -> int:
         """RL samples each learner rank trains on per epoch."""
-        return self.grpo.samples_per_epoch // self.resources.learner_ranks
+        return self.grpo.samples_per_epoch // self.resources.learner.count
 
     @property
     def micro_batches_per_rank_per_epoch(self) -> int:
@@ -747,7 +753,7 @@ class Config:
         }
         if self.stage == "cold_start":
             out |= {
-                "prompts_per_step": self.dmd.prompts_per_step, "learner_ranks": self.resources.learner_ranks,
+                "prompts_per_step": self.dmd.prompts_per_step, "learner_ranks": self.resources.learner.count,
                 "prompts_per_rank": self.cold_start_prompts_per_rank,
                 "fake_updates_per_generator_update": self.dmd.fake_update_ratio,
                 "generator_updates_total": self.train.iterations // self.dmd.fake_update_ratio,
@@ -757,16 +763,17 @@ class Config:
             out |= {
                 "prompts_per_step": g.prompts_per_step, "images_per_prompt": g.images_per_prompt,
                 "images_per_step": g.images_per_step, "sample_batches_per_epoch": g.sample_batches_per_epoch,
-                "samples_per_epoch": g.samples_per_epoch, "samplers": self.resources.samplers,
+                "samples_per_epoch": g.samples_per_epoch, "samplers": self.resources.sampler.count,
                 "images_per_sampler_per_step": self.images_per_sampler_per_step,
-                "learner_ranks": self.resources.learner_ranks,
+                "learner_ranks": self.resources.learner.count,
                 "images_per_rank_per_epoch": self.images_per_rank_per_epoch,
                 "micro_batches_per_optimizer_step": self.micro_batches_per_optimizer_step,
                 "optimizer_steps_per_epoch": g.optimizer_steps_per_epoch,
-                "reward_workers": self.resources.reward_workers, "max_policy_lag": g.max_policy_lag,
+                "reward_workers": self.resources.reward_worker.count, "max_policy_lag": g.max_policy_lag,
             }
         else:
-            out |= {"eval_workers": self.resources.eval_workers, "lora_stack": len(self.inference.lora_paths)}
+            out |= {"eval_workers": self.resources.eval_worker.count,
+                    "lora_stack": len(self.inference.lora_paths)}
         return out
 
     def summary(self) -> str:
@@ -775,22 +782,22 @@ class Config:
         head = f"{self.stage}, {m.backbone} {m.resolution_px}px, {self.sampling.num_steps} NFE"
         if self.stage == "cold_start":
             d = self.dmd
-            return (f"{head}; {d.prompts_per_step} prompts/step = {r.learner_ranks} ranks x "
+            return (f"{head}; {d.prompts_per_step} prompts/step = {r.learner.count} ranks x "
                     f"{self.cold_start_prompts_per_rank}; fake:generator updates {d.fake_update_ratio}:1; "
                     f"{self.train.iterations} iterations")
         if self.stage == "rtdmd":
             g = self.grpo
             rewards = ",".join(f"{k}={v:g}" for k, v in self.rewards.weights.items())
             return (f"{head}; {g.prompts_per_step} prompts x {g.images_per_prompt} images = "
-                    f"{g.images_per_step} images/step ({r.samplers} samplers x "
+                    f"{g.images_per_step} images/step ({r.sampler.count} samplers x "
                     f"{self.images_per_sampler_per_step}) x {g.sample_batches_per_epoch} steps = "
-                    f"{g.samples_per_epoch} samples/epoch; {r.learner_ranks} learner ranks x "
+                    f"{g.samples_per_epoch} samples/epoch; {r.learner.count} learner ranks x "
                     f"{self.images_per_rank_per_epoch} images/epoch, {self.micro_batches_per_optimizer_step} "
                     f"micro-batches of {g.micro_batch_images_per_rank} per optimizer step, "
-                    f"{g.optimizer_steps_per_epoch} step(s)/epoch; {r.reward_workers} reward workers "
+                    f"{g.optimizer_steps_per_epoch} step(s)/epoch; {r.reward_worker.count} reward workers "
                     f"[{rewards}]; {self.train.iterations} epochs")
         rewards = ",".join(self.eval.reward_weights)
-        return (f"{head}; {len(self.inference.lora_paths)} LoRA(s); {r.eval_workers} eval workers x "
+        return (f"{head}; {len(self.inference.lora_paths)} LoRA(s); {r.eval_worker.count} eval workers x "
                 f"{self.eval.batch_images} images/batch; rewards [{rewards}]")
 
     # ------------------------------------------------------------------ cross-field checks
@@ -815,7 +822,7 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _check(cfg: Config) -> list[str]:  # noqa: C901 (a flat list of independent checks reads best)
+def _check(cfg: Config) -> list[str]:
     """Every cross-field problem of ``cfg`` as one message each (empty list: valid)."""
     p: list[str] = []
     m, s, res = cfg.model, cfg.sampling, cfg.resources
@@ -896,14 +903,22 @@ def _check(cfg: Config) -> list[str]:  # noqa: C901 (a flat list of independent 
             p.append(f"{path}='{dev}' must be auto, cpu, cuda or cuda:N")
 
     # resources, sync
-    for f_ in dataclasses.fields(res):
-        v = getattr(res, f_.name)
-        if f_.name.startswith(("cpus_", "gpus_")) or f_.name == "fsdp_shard_ranks":
-            positive(f"resources.{f_.name}", v, zero_ok=True)
-        elif _is_int(v):
-            positive(f"resources.{f_.name}", v)
-    if res.fsdp_shard_ranks and res.learner_ranks % res.fsdp_shard_ranks:
-        p.append(f"resources.learner_ranks={res.learner_ranks} is not divisible by "
+    for role in ("sampler", "reward_worker", "learner", "eval_worker"):
+        rr: RoleResourcesConfig = getattr(res, role)
+        positive(f"resources.{role}.count", rr.count)
+        positive(f"resources.{role}.cpus_per_actor", rr.cpus_per_actor, zero_ok=True)
+        positive(f"resources.{role}.gpus_per_actor", rr.gpus_per_actor, zero_ok=True)
+        if rr.gpus_per_actor > 1 and not float(rr.gpus_per_actor).is_integer():
+            p.append(f"resources.{role}.gpus_per_actor={rr.gpus_per_actor}: above 1 it must be whole")
+        if rr.max_restarts < -1 or rr.max_task_retries < -1:
+            p.append(f"resources.{role}.max_restarts / max_task_retries must be >= -1 (-1 = forever)")
+        if rr.max_task_retries != 0 and rr.max_restarts == 0:
+            p.append(f"resources.{role}.max_task_retries={rr.max_task_retries} has no effect with "
+                     f"max_restarts=0: Ray retries calls only on restarted actors; set "
+                     f"resources.{role}.max_restarts")
+    positive("resources.fsdp_shard_ranks", res.fsdp_shard_ranks, zero_ok=True)
+    if res.fsdp_shard_ranks and res.learner.count % res.fsdp_shard_ranks:
+        p.append(f"resources.learner.count={res.learner.count} is not divisible by "
                  f"resources.fsdp_shard_ranks={res.fsdp_shard_ranks} (hybrid sharding needs whole groups)")
     if res.fsdp_shard_ranks and res.learner_parallelism != "fsdp2":
         p.append("resources.fsdp_shard_ranks is set but resources.learner_parallelism is ddp: "
@@ -946,6 +961,12 @@ def _check(cfg: Config) -> list[str]:  # noqa: C901 (a flat list of independent 
                  f"(len(sampling.denoising_step_list)={len(steps)}); use eval.mode: teacher for more steps")
     if (e.enabled or cfg.stage == "inference") and not e.reward_weights:
         p.append("eval.reward_weights is empty: name at least one eval reward (or set eval.enabled: false)")
+    unrouted = [r for r in e.reward_weights if r not in e.dataset_map]
+    if ((e.enabled or cfg.stage == "inference") and cfg.data.kind == "prompt_file" and unrouted
+            and not e.prompt_file):
+        p.append(f"eval.prompt_file is empty and eval.dataset_map has no prompt file for "
+                 f"{', '.join(unrouted)}: "
+                 "set eval.prompt_file or route those rewards in eval.dataset_map")
 
     # data
     d = cfg.data
@@ -962,11 +983,11 @@ def _check(cfg: Config) -> list[str]:  # noqa: C901 (a flat list of independent 
         dm = cfg.dmd
         positive("dmd.prompts_per_step", dm.prompts_per_step)
         positive("dmd.fake_update_ratio", dm.fake_update_ratio)
-        if dm.prompts_per_step > 0 and res.learner_ranks > 0 and dm.prompts_per_step % res.learner_ranks:
+        if dm.prompts_per_step > 0 and res.learner.count > 0 and dm.prompts_per_step % res.learner.count:
             p.append(f"dmd.prompts_per_step={dm.prompts_per_step} is not divisible by "
-                     f"resources.learner_ranks={res.learner_ranks} "
-                     f"({dm.prompts_per_step}/{res.learner_ranks} = "
-                     f"{dm.prompts_per_step / res.learner_ranks:g} prompts per rank)")
+                     f"resources.learner.count={res.learner.count} "
+                     f"({dm.prompts_per_step}/{res.learner.count} = "
+                     f"{dm.prompts_per_step / res.learner.count:g} prompts per rank)")
     if cfg.stage in ("cold_start", "rtdmd"):
         if cfg.dmd.teacher_guidance_min > cfg.dmd.teacher_guidance_max:
             p.append(f"dmd.teacher_guidance_min={cfg.dmd.teacher_guidance_min} > dmd.teacher_guidance_max="
@@ -1003,29 +1024,29 @@ def _check_rtdmd(cfg: Config, p: list[str], positive: Any) -> None:
         p.append("grpo.images_per_prompt=1: group-normalised advantages need at least 2 images per prompt")
     if g.max_policy_lag not in (0, 1):
         p.append(f"grpo.max_policy_lag={g.max_policy_lag} must be 0 (on-policy) or 1 (one-step pipelined)")
-    if min(g.prompts_per_step, g.images_per_prompt, res.samplers, res.learner_ranks) <= 0:
+    if min(g.prompts_per_step, g.images_per_prompt, res.sampler.count, res.learner.count) <= 0:
         return  # the arithmetic below needs positive counts (already reported)
     ips = g.images_per_step
-    if ips % res.samplers:
+    if ips % res.sampler.count:
         p.append(f"grpo.images_per_step={ips} (prompts_per_step={g.prompts_per_step} x images_per_prompt="
-                 f"{g.images_per_prompt}) is not divisible by resources.samplers={res.samplers}")
-    if ips % res.learner_ranks:
+                 f"{g.images_per_prompt}) is not divisible by resources.sampler.count={res.sampler.count}")
+    if ips % res.learner.count:
         p.append(f"grpo.images_per_step={ips} (prompts_per_step={g.prompts_per_step} x images_per_prompt="
-                 f"{g.images_per_prompt}) is not divisible by resources.learner_ranks={res.learner_ranks}")
+                 f"{g.images_per_prompt}) is not divisible by resources.learner.count={res.learner.count}")
     elif g.micro_batch_images_per_rank > 0 and g.optimizer_steps_per_epoch > 0:
-        per_rank = g.samples_per_epoch // res.learner_ranks
+        per_rank = g.samples_per_epoch // res.learner.count
         mb = g.micro_batch_images_per_rank
         if per_rank % mb:
             p.append(f"images per learner rank per epoch = {g.samples_per_epoch} samples / "
-                     f"{res.learner_ranks} ranks = {per_rank} is not divisible by "
+                     f"{res.learner.count} ranks = {per_rank} is not divisible by "
                      f"grpo.micro_batch_images_per_rank={mb}")
         elif (per_rank // mb) % g.optimizer_steps_per_epoch:
             p.append(f"{per_rank // mb} micro-batches per rank per epoch ({per_rank} images / {mb}) do not "
                      f"split evenly into grpo.optimizer_steps_per_epoch={g.optimizer_steps_per_epoch}")
-    if ips % res.samplers == 0:
-        share = ips // res.samplers
+    if ips % res.sampler.count == 0:
+        share = ips // res.sampler.count
         if g.sampler_micro_batch_images and share % g.sampler_micro_batch_images:
-            p.append(f"images per sampler per step = {ips} / {res.samplers} samplers = {share} is not "
+            p.append(f"images per sampler per step = {ips} / {res.sampler.count} samplers = {share} is not "
                      f"divisible by grpo.sampler_micro_batch_images={g.sampler_micro_batch_images}")
     # step selection and aux steps index the num_steps-step trajectory
     ss = g.step_selection
@@ -1495,9 +1516,10 @@ def _main(argv: list[str]) -> int:
 __all__ = [
     "ACDMDConfig", "BPConfig", "Config", "ConfigError", "DMDConfig", "DataConfig", "EMAConfig", "EvalConfig",
     "FrozenDict", "GRPOConfig", "InferenceConfig", "LastStepLossConfig", "LoRAConfig", "LoggingConfig",
-    "ModelConfig", "ResourcesConfig", "RewardsConfig", "SamplingConfig", "SolverConfig", "SolversConfig",
-    "StepSelectionConfig", "SyncConfig", "TrainConfig", "apply_overrides", "config_from_dict", "dump_yaml",
-    "field_docs", "load_config", "reference_yaml", "resolve_path", "to_dict",
+    "ModelConfig", "ResourcesConfig", "RewardsConfig", "RoleResourcesConfig", "SamplingConfig",
+    "SolverConfig", "SolversConfig", "StepSelectionConfig", "SyncConfig", "TrainConfig", "apply_overrides",
+    "config_from_dict",
+    "dump_yaml", "field_docs", "load_config", "reference_yaml", "resolve_path", "to_dict",
 ]
 
 if __name__ == "__main__":
