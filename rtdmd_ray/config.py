@@ -34,6 +34,7 @@ import difflib
 import math
 import re
 import sys
+import textwrap
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -45,6 +46,8 @@ from typing import Any, Literal, Union
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# libyaml's loader when present (same YAML 1.1 resolution as the pure-Python SafeLoader, several times faster)
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class ConfigError(ValueError):
@@ -1277,7 +1280,7 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
         hint = f" (inherited from {chain[-1]})" if chain else ""
         raise ConfigError(f"config file not found: {path}{hint}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_YAML_LOADER) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(raw, Mapping):
@@ -1327,7 +1330,7 @@ def _parse_override_value(text: str, tp: Any) -> Any:
             return None
         return text
     try:
-        return yaml.safe_load(text) if text.strip() else None
+        return yaml.load(text, Loader=_YAML_LOADER) if text.strip() else None
     except yaml.YAMLError as exc:
         reason = " ".join(str(exc).split())
         raise ConfigError(f"override value '{text}' is not valid YAML: {reason}") from None
@@ -1380,7 +1383,7 @@ def _build_config(raw: Mapping[str, Any], overrides: Iterable[str], where: str, 
         for item in reversed(overrides):
             key = item.split("=", 1)[0].strip()
             if f"'{key}'" in msg or f"'{key}." in msg or f"'{key}[" in msg:
-                msg += f" (set by override '{item}')"
+                msg = (msg.replace(where, "", 1) if where else msg) + f" (set by override '{item}')"
                 break
         raise ConfigError(msg) from None
     return cfg.validate() if validate else cfg
@@ -1473,12 +1476,24 @@ def _dump_section(obj: Any, indent: int, comments: bool, lines: list[str]) -> No
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if comments and f.name in docs:
-            lines.append(f"{pad}# {docs[f.name]}")
+            width = max(40, 110 - indent - 2)
+            lines.extend(f"{pad}# {ln}" for ln in textwrap.wrap(docs[f.name], width, break_on_hyphens=False))
         if dataclasses.is_dataclass(value):
             lines.append(f"{pad}{f.name}:")
             _dump_section(value, indent + 2, comments, lines)
         else:
-            lines.append(f"{pad}{f.name}: {_flow(to_dict(value))}")
+            _dump_value(f.name, to_dict(value), indent, lines)
+
+
+def _dump_value(key: str, value: Any, indent: int, lines: list[str]) -> None:
+    """``key: value``: non-empty maps in block style (an entry per line), everything else in flow style."""
+    pad = " " * indent
+    if isinstance(value, dict) and value:
+        lines.append(f"{pad}{_flow(key)}:")
+        for k, v in value.items():
+            _dump_value(k, v, indent + 2, lines)
+    else:
+        lines.append(f"{pad}{_flow(key)}: {_flow(value)}")
 
 
 def dump_yaml(cfg: Config, *, comments: bool = False) -> str:
@@ -1488,7 +1503,8 @@ def dump_yaml(cfg: Config, *, comments: bool = False) -> str:
         cfg: the config.
         comments: put each field's description (from the section docstrings) on a comment line above it.
     """
-    lines = [f"# rtdmd-ray resolved config: {cfg.summary()}"] if comments else []
+    lines = ([f"# {ln}" for ln in textwrap.wrap(f"rtdmd-ray resolved config: {cfg.summary()}", 108)]
+             if comments else [])
     _dump_section(cfg, 0, comments, lines)
     return "\n".join(lines) + "\n"
 
