@@ -1287,6 +1287,8 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
     raw = dict(raw)
     parents = raw.pop(INHERIT_KEY, None)
+    # key and type errors name the file that holds the bad key, not the file that inherits it
+    _build(Config, raw, "", f" in {_display(path)}")
     if parents is None:
         return raw
     if isinstance(parents, str):
@@ -1297,6 +1299,14 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     for parent in parents:
         merged = _merge(merged, _read_yaml(path.parent / parent, (*chain, path)), Config)
     return _merge(merged, raw, Config)
+
+
+def _display(path: Path) -> str:
+    """``path`` relative to the working directory when it is below it (shorter error messages)."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _field_type_at(parts: list[str], item: str) -> Any:

@@ -321,3 +321,10 @@ def test_inherit_errors(tmp_path):
     assert "top level must be a mapping" in error_of(load_config, write(tmp_path, "- 1\n", "d.yaml"))
     assert "invalid YAML" in error_of(load_config, write(tmp_path, "a: [1\n", "e.yaml"))
     assert "only allowed in a YAML file" in error_of(config_from_dict, {"inherit": "x.yaml"})
+
+
+def test_error_names_the_file_holding_the_bad_key(tmp_path):
+    write(tmp_path, "grpo: {images_per_promt: 4}\n", "parent.yaml")
+    child = write(tmp_path, "inherit: parent.yaml\ntrain: {seed: 1}\n", "child.yaml")
+    msg = error_of(load_config, child)
+    assert "parent.yaml" in msg and "child.yaml" not in msg and "'grpo.images_per_promt'" in msg
