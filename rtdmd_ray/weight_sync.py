@@ -97,16 +97,19 @@ class BucketManifest:
         have = self.layout()
         missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
         differ = [
-            f"{k}: sent {have[k]}, expected {want[k]}"
+            f"{k} sent {have[k][0]} {have[k][1]}, expected {want[k][0]} {want[k][1]}"
             for k in sorted(set(want) & set(have))
             if have[k] != want[k]
         ]
         if missing or extra or differ:
+
+            def first5(items: list[str]) -> str:
+                return "; ".join(items[:5]) + ("; ..." if len(items) > 5 else "") if items else "none"
+
             raise ManifestMismatchError(
                 f"weight sync v{self.version}: the sent tensors do not match the receiver's model "
-                f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
-                f"{extra[:5]}{'...' if len(extra) > 5 else ''}, differing {differ[:5]}). Learner and "
-                f"samplers must build the same LoRA (config `model.lora` per role) and the same backbone"
+                f"(missing: {first5(missing)} | unexpected: {first5(extra)} | differing: {first5(differ)}). "
+                "Learner and samplers must build the same LoRA (config `model.lora` per role) and backbone"
             )
 
 

@@ -79,7 +79,9 @@ def test_manifest_layout_check_and_bucket_mismatch():
     del wrong["scalar"]
     wrong["extra.lora_A"] = ((1,), torch.float32)
     with pytest.raises(
-        ManifestMismatchError, match=r"missing \['extra.lora_A'\].*unexpected \['scalar'\].*to_q"
+        ManifestMismatchError,
+        match=r"missing: extra.lora_A \| unexpected: scalar \| differing: .*to_q.* \(8, 64\) float32, "
+        r"expected \(8, 32\)",
     ):
         manifest.check_layout(wrong)
     with pytest.raises(ManifestMismatchError, match="got 2 buckets"):
