@@ -513,7 +513,7 @@ class RewardsConfig:
             "cuda:N".
         devices: per-reward device overrides {name: device}.
         batch_images: images per scorer call {name: int}; a reward not listed scores a whole batch at once.
-        options: scorer constructor options {name: {option: value}} (e.g. a model path or a backend).
+        options: scorer constructor options {name: {option: value}}, e.g. clipscore: {model: <dir or hub id>}.
     """
 
     weights: dict[str, float] = field(default_factory=lambda: FrozenDict(

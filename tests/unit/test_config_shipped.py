@@ -240,7 +240,7 @@ def test_shapes_configs_fit_this_machine():
         assert cfg.model.pretrained_path == "rtdmd_ray/shapes/assets/teacher"
         assert cfg.data.kind == "shapes"
         assert set(cfg.eval.reward_weights) == {"shapes_geneval", "clipscore"}
-        assert cfg.rewards.options["clipscore"]["model_path"] == "rtdmd_ray/shapes/assets/clip"
+        assert cfg.rewards.options["clipscore"]["model"] == "rtdmd_ray/shapes/assets/clip"
     rl = load_config(CONFIGS / "rtdmd" / "shapes.yaml")
     r = rl.resources
     assert (r.sampler.count, r.reward_worker.count, r.learner.count) == (1, 2, 2)
