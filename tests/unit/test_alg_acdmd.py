@@ -209,7 +209,8 @@ def test_consistency_eta0_collapses_to_one_sample_and_gradient_flows_through_h_o
     two.backward()
     assert w.grad is not None and w.grad.abs().item() > 0
     # one-step paths reuse v_e: only the end evaluations call the model, with grad
-    assert len(calls["nograd"]) == 0 and len(calls["grad"]) == 1 + 2 + 1  # v_e; 2 ends; 1 end
+    # v_e; both ends of the two-sample call in one batched forward; the one-sample end
+    assert len(calls["nograd"]) == 0 and len(calls["grad"]) == 1 + 1 + 1
 
 
 def test_consistency_multi_step_calls_the_model_under_no_grad_for_transitions():
@@ -235,9 +236,39 @@ def test_consistency_multi_step_calls_the_model_under_no_grad_for_transitions():
         generator=torch.Generator().manual_seed(0),
     )
     assert torch.isfinite(loss)
-    assert calls == {"grad": 2, "nograd": 2}  # per path: 1 transition call + 1 end evaluation
+    assert calls == {"grad": 1, "nograd": 2}  # 1 transition call per path + 1 batched end evaluation
     assert torch.allclose(seen_sigmas[0], torch.tensor([0.7, 0.25]))  # after the first jump
-    assert torch.allclose(seen_sigmas[1], torch.tensor([0.5, 0.15]))  # end level
+    assert torch.equal(seen_sigmas[1], seen_sigmas[0])  # both paths share the jump sequence
+    assert torch.allclose(seen_sigmas[2], torch.tensor([0.5, 0.15, 0.5, 0.15]))  # end level, [2B]
+
+
+def test_consistency_batched_and_separate_end_evaluations_agree():
+    w = torch.nn.Parameter(torch.tensor(0.4))
+
+    def velocity(x, sigma):
+        return w * x + sigma.view(-1, 1, 1, 1)
+
+    x_e = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(1))
+    sigma_e = torch.tensor([0.9, 0.6, 0.3])
+    jumps = torch.tensor([[120, 80], [50, 30], [200, 10]]).T.contiguous()
+    losses, grads = [], []
+    for batch_paths in (True, False):
+        w.grad = None
+        loss = acdmd.consistency_loss(
+            velocity,
+            x_e,
+            sigma_e,
+            velocity(x_e, sigma_e),
+            eta=0.9,
+            num_steps=2,
+            jump_steps=jumps,
+            generator=torch.Generator().manual_seed(2),
+            batch_paths=batch_paths,
+        )
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(w.grad.item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6) and grads[0] == pytest.approx(grads[1], rel=1e-6)
 
 
 def test_consistency_custom_transition_and_nan_guard():
