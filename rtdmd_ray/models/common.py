@@ -34,9 +34,15 @@ class DiffusersBackbone:
     layout: Layout = {}
 
     def __init__(
-        self, *, transformer: nn.Module, vae: nn.Module, scheduler: Any,
-        text_encoders: dict[str, nn.Module], tokenizers: dict[str, Any],
-        dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+        self,
+        *,
+        transformer: nn.Module,
+        vae: nn.Module,
+        scheduler: Any,
+        text_encoders: dict[str, nn.Module],
+        tokenizers: dict[str, Any],
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
     ):
         self.transformer = transformer
         self.vae = vae
@@ -79,7 +85,7 @@ class DiffusersBackbone:
         return self
 
     def empty_conditioning(self, batch_size: int) -> Conditioning:
-        """The encoding of ``""`` through the full text stack, computed once and repeated ``batch_size`` times."""
+        """``""`` through the full text stack, encoded once and repeated ``batch_size`` times."""
         if self._empty is None:
             self._empty = self.encode_prompts([""])
         return self._empty.repeat(batch_size)
@@ -97,17 +103,35 @@ class DiffusersBackbone:
         raise NotImplementedError
 
     def sigma_schedule(self, step_list: tuple[int, ...], resolution: int) -> list[float]:
-        """The shifted few-step schedule ending in 0.0 (spec algorithms.md §1.1), from ``algorithms.schedules``."""
+        """The shifted few-step schedule ending in 0.0 (spec algorithms.md §1.1, ``algorithms.schedules``)."""
         from rtdmd_ray.algorithms.schedules import sigma_schedule
 
-        return list(sigma_schedule(self, tuple(step_list), self.image_seq_len(resolution)))
+        cfg = self.scheduler_config
+        kwargs: dict[str, Any] = {
+            "shift": float(cfg.get("shift", 3.0)),
+            "num_train_timesteps": int(cfg.get("num_train_timesteps", 1000)),
+            "time_shift_type": cfg.get("time_shift_type") or "exponential",
+        }
+        if self.family == "flux1":
+            kwargs.update(
+                base_shift=float(cfg.get("base_shift", 0.5)),
+                max_shift=float(cfg.get("max_shift", 1.15)),
+                base_seq_len=int(cfg.get("base_image_seq_len", 256)),
+                max_seq_len=int(cfg.get("max_image_seq_len", 4096)),
+                use_dynamic_shifting=bool(cfg.get("use_dynamic_shifting", True)),
+            )
+        if self.family == "flux2":
+            kwargs["shift_terminal"] = cfg.get("shift_terminal") or None
+        seq = None if self.family == "sd3" else self.image_seq_len(resolution)
+        return list(sigma_schedule(self.family, tuple(step_list), seq, **kwargs))
 
     def check_resolution(self, resolution: int) -> None:
         div = self.latent_divisor
         if resolution % div:
             raise ValueError(
                 f"image resolution {resolution} is not divisible by {div} for the {self.family} backbone: "
-                f"choose a multiple of {div} (e.g. {max(div, resolution - resolution % div)})")
+                f"choose a multiple of {div} (e.g. {max(div, resolution - resolution % div)})"
+            )
 
     @property
     def latent_divisor(self) -> int:
@@ -127,7 +151,10 @@ class DiffusersBackbone:
         return (image.float() / 2 + 0.5).clamp(0, 1)
 
     def randn_latents(
-        self, batch_size: int, resolution: int, generator: torch.Generator | None = None,
+        self,
+        batch_size: int,
+        resolution: int,
+        generator: torch.Generator | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
         """Initial noise ``[B, C, h, w]`` at sigma = 1 (drawn on the generator's device, then moved)."""
@@ -154,7 +181,10 @@ class DiffusersBackbone:
         comps = self.components()
         for sub, comp in comps.items():
             comp.save_pretrained(root / sub)
-        index: dict[str, Any] = {"_class_name": self.pipeline_class, "_diffusers_version": _diffusers_version()}
+        index: dict[str, Any] = {
+            "_class_name": self.pipeline_class,
+            "_diffusers_version": _diffusers_version(),
+        }
         for sub in self.layout:
             index[sub] = list(self.layout[sub]) if sub in comps else [None, None]
         (root / "model_index.json").write_text(json.dumps(index, indent=2))

@@ -26,14 +26,16 @@ def pack_latents(latents: torch.Tensor) -> torch.Tensor:
     """``[B, C, h, w] -> [B, (h/2)(w/2), 4C]``: each token carries one 2x2 patch, channel-major (c, i, j)."""
     b, c, h, w = latents.shape
     if h % 2 or w % 2:
-        raise ValueError(f"FLUX latents must have even height/width to pack 2x2, got {h}x{w}: use a resolution "
-                         f"divisible by 16")
+        raise ValueError(
+            f"FLUX latents must have even height/width to pack 2x2, got {h}x{w}: use a resolution "
+            f"divisible by 16"
+        )
     x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
     return x.reshape(b, (h // 2) * (w // 2), c * 4)
 
 
 def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Exact inverse of ``pack_latents``: ``[B, (h/2)(w/2), 4C] -> [B, C, h, w]`` (``height``, ``width`` = h, w)."""
+    """Exact inverse of ``pack_latents``: ``[B, (h/2)(w/2), 4C] -> [B, C, h, w]`` (h, w = height, width)."""
     b, n, d = tokens.shape
     if n != (height // 2) * (width // 2) or d % 4:
         raise ValueError(f"cannot unpack {n} tokens of {d} features into a {height}x{width} latent")
@@ -42,7 +44,7 @@ def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tenso
 
 
 def latent_image_ids(height: int, width: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Position ids ``[(h/2)(w/2), 3]`` of the packed grid: column 0 = 0, column 1 = row, column 2 = column."""
+    """Position ids ``[(h/2)(w/2), 3]`` of the packed grid: columns (0, row, column)."""
     h, w = height // 2, width // 2
     ids = torch.zeros(h, w, 3, device=device)
     ids[..., 1] = torch.arange(h, device=device)[:, None]
@@ -72,8 +74,13 @@ class Flux1Backbone(DiffusersBackbone):
 
     @classmethod
     def from_pretrained(
-        cls, path_or_repo: str | Path = FLUX1_DEV, *, dtype: str | torch.dtype = "bf16",
-        device: torch.device | str = "cpu", t5_max_length: int = 512, config_key: str = "model.pretrained_path",
+        cls,
+        path_or_repo: str | Path = FLUX1_DEV,
+        *,
+        dtype: str | torch.dtype = "bf16",
+        device: torch.device | str = "cpu",
+        t5_max_length: int = 512,
+        config_key: str = "model.pretrained_path",
     ) -> Flux1Backbone:
         """Load the diffusers layout from a local directory or a hub id (one-line error when absent)."""
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
@@ -83,10 +90,14 @@ class Flux1Backbone(DiffusersBackbone):
         root = resolve_model_dir(path_or_repo, subfolders=list(cls.layout), config_key=config_key)
 
         def diff(sub: str, klass: Any) -> Any:
-            return load_component(root, sub, lambda: klass.from_pretrained(root, subfolder=sub, torch_dtype=torch_dtype))
+            return load_component(
+                root, sub, lambda: klass.from_pretrained(root, subfolder=sub, torch_dtype=torch_dtype)
+            )
 
         def hf(sub: str, klass: Any) -> Any:
-            return load_component(root, sub, lambda: klass.from_pretrained(root, subfolder=sub, dtype=torch_dtype))
+            return load_component(
+                root, sub, lambda: klass.from_pretrained(root, subfolder=sub, dtype=torch_dtype)
+            )
 
         def tok(sub: str, klass: Any) -> Any:
             return load_component(root, sub, lambda: klass.from_pretrained(root, subfolder=sub))
@@ -95,12 +106,21 @@ class Flux1Backbone(DiffusersBackbone):
             transformer=diff("transformer", FluxTransformer2DModel),
             vae=diff("vae", AutoencoderKL),
             scheduler=load_component(
-                root, "scheduler", lambda: FlowMatchEulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler")),
-            text_encoders={"text_encoder": hf("text_encoder", CLIPTextModel),
-                           "text_encoder_2": hf("text_encoder_2", T5EncoderModel)},
-            tokenizers={"tokenizer": tok("tokenizer", CLIPTokenizer),
-                        "tokenizer_2": tok("tokenizer_2", T5TokenizerFast)},
-            dtype=torch_dtype, device=device, t5_max_length=t5_max_length,
+                root,
+                "scheduler",
+                lambda: FlowMatchEulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler"),
+            ),
+            text_encoders={
+                "text_encoder": hf("text_encoder", CLIPTextModel),
+                "text_encoder_2": hf("text_encoder_2", T5EncoderModel),
+            },
+            tokenizers={
+                "tokenizer": tok("tokenizer", CLIPTokenizer),
+                "tokenizer_2": tok("tokenizer_2", T5TokenizerFast),
+            },
+            dtype=torch_dtype,
+            device=device,
+            t5_max_length=t5_max_length,
         )
 
     @property
@@ -118,13 +138,17 @@ class Flux1Backbone(DiffusersBackbone):
         prompts = list(prompts)
         clip: nn.Module = self.text_encoders["text_encoder"]
         ids = self.tokenizers["tokenizer"](
-            prompts, padding="max_length", max_length=self.clip_max_length, truncation=True,
-            return_tensors="pt").input_ids.to(self.device)
+            prompts,
+            padding="max_length",
+            max_length=self.clip_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
         pooled = clip(ids).pooler_output
         t5: nn.Module = self.text_encoders["text_encoder_2"]
         ids = self.tokenizers["tokenizer_2"](
-            prompts, padding="max_length", max_length=self.t5_max_length, truncation=True,
-            return_tensors="pt").input_ids.to(self.device)
+            prompts, padding="max_length", max_length=self.t5_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(self.device)
         prompt_embeds = t5(ids).last_hidden_state
         return Conditioning({"prompt_embeds": prompt_embeds.to(self.dtype), "pooled": pooled.to(self.dtype)})
 
@@ -139,26 +163,35 @@ class Flux1Backbone(DiffusersBackbone):
         _, h, w = self.latent_shape(resolution)
         return (h // 2) * (w // 2)
 
-    def _forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning,
-                 guidance: torch.Tensor | None) -> torch.Tensor:
+    def _forward(
+        self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, guidance: torch.Tensor | None
+    ) -> torch.Tensor:
         _, _, h, w = x.shape
         dt = self.transformer.dtype
         c = cast_conditioning(cond, self.device, dt)
         emb = c.tensors["prompt_embeds"]
         out = self.transformer(
-            hidden_states=pack_latents(x).to(dt), timestep=sigma.to(self.device).to(dt), guidance=guidance,
-            pooled_projections=c.tensors["pooled"], encoder_hidden_states=emb,
+            hidden_states=pack_latents(x).to(dt),
+            timestep=sigma.to(self.device).to(dt),
+            guidance=guidance,
+            pooled_projections=c.tensors["pooled"],
+            encoder_hidden_states=emb,
             txt_ids=torch.zeros(emb.shape[1], 3, device=self.device, dtype=dt),
-            img_ids=latent_image_ids(h, w, self.device).to(dt), return_dict=False,
+            img_ids=latent_image_ids(h, w, self.device).to(dt),
+            return_dict=False,
         )[0]
         return unpack_latents(out, h, w)
 
     def velocity(
-        self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, guidance: float = 1.0,
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        cond: Conditioning,
+        guidance: float = 1.0,
         uncond: Conditioning | None = None,
     ) -> torch.Tensor:
-        """``v [B, C, h, w]`` (dtype of ``x``). With ``guidance_embeds`` the scalar goes into the model (one pass,
-        ``uncond`` ignored); otherwise ``guidance > 1`` runs classic CFG with two passes."""
+        """``v [B, C, h, w]`` (dtype of ``x``). With ``guidance_embeds`` the scalar enters the model (one
+        pass, ``uncond`` ignored); otherwise ``guidance > 1`` runs classic CFG with two passes."""
         b = x.shape[0]
         if self.guidance_embeds:
             g = torch.full((b,), float(guidance), device=self.device, dtype=torch.float32)

@@ -26,7 +26,7 @@ TEXT_LAYERS = (9, 18, 27)
 
 
 def patchify(latents: torch.Tensor) -> torch.Tensor:
-    """``[B, C, 2h, 2w] -> [B, 4C, h, w]``; sub-pixel ``(i, j)`` of channel ``c`` goes to channel ``4c + 2i + j``."""
+    """``[B, C, 2h, 2w] -> [B, 4C, h, w]``: sub-pixel ``(i, j)`` of channel ``c`` -> ``4c + 2i + j``."""
     b, c, h, w = latents.shape
     x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)
     return x.reshape(b, c * 4, h // 2, w // 2)
@@ -90,8 +90,13 @@ class Flux2Backbone(DiffusersBackbone):
 
     @classmethod
     def from_pretrained(
-        cls, path_or_repo: str | Path = FLUX2_KLEIN_4B, *, dtype: str | torch.dtype = "bf16",
-        device: torch.device | str = "cpu", max_length: int = 512, text_layers: tuple[int, ...] = TEXT_LAYERS,
+        cls,
+        path_or_repo: str | Path = FLUX2_KLEIN_4B,
+        *,
+        dtype: str | torch.dtype = "bf16",
+        device: torch.device | str = "cpu",
+        max_length: int = 512,
+        text_layers: tuple[int, ...] = TEXT_LAYERS,
         config_key: str = "model.pretrained_path",
     ) -> Flux2Backbone:
         """Load the diffusers layout from a local directory or a hub id (one-line error when absent)."""
@@ -102,19 +107,36 @@ class Flux2Backbone(DiffusersBackbone):
         root = resolve_model_dir(path_or_repo, subfolders=list(cls.layout), config_key=config_key)
 
         def diff(sub: str, klass: Any) -> Any:
-            return load_component(root, sub, lambda: klass.from_pretrained(root, subfolder=sub, torch_dtype=torch_dtype))
+            return load_component(
+                root, sub, lambda: klass.from_pretrained(root, subfolder=sub, torch_dtype=torch_dtype)
+            )
 
         return cls(
             transformer=diff("transformer", Flux2Transformer2DModel),
             vae=diff("vae", AutoencoderKLFlux2),
             scheduler=load_component(
-                root, "scheduler", lambda: FlowMatchEulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler")),
-            text_encoders={"text_encoder": load_component(
-                root, "text_encoder",
-                lambda: Qwen3ForCausalLM.from_pretrained(root, subfolder="text_encoder", dtype=torch_dtype))},
-            tokenizers={"tokenizer": load_component(
-                root, "tokenizer", lambda: AutoTokenizer.from_pretrained(root, subfolder="tokenizer"))},
-            dtype=torch_dtype, device=device, max_length=max_length, text_layers=text_layers,
+                root,
+                "scheduler",
+                lambda: FlowMatchEulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler"),
+            ),
+            text_encoders={
+                "text_encoder": load_component(
+                    root,
+                    "text_encoder",
+                    lambda: Qwen3ForCausalLM.from_pretrained(
+                        root, subfolder="text_encoder", dtype=torch_dtype
+                    ),
+                )
+            },
+            tokenizers={
+                "tokenizer": load_component(
+                    root, "tokenizer", lambda: AutoTokenizer.from_pretrained(root, subfolder="tokenizer")
+                )
+            },
+            dtype=torch_dtype,
+            device=device,
+            max_length=max_length,
+            text_layers=text_layers,
         )
 
     @property
@@ -129,20 +151,32 @@ class Flux2Backbone(DiffusersBackbone):
     def chat_text(self, prompt: str) -> str:
         """The prompt wrapped in the Qwen3 chat template (user turn, generation prompt, no thinking)."""
         return self.tokenizers["tokenizer"].apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True,
-            enable_thinking=False)
+            [{"role": "user", "content": prompt}],
+            tokenize=False,
+            add_generation_prompt=True,
+            enable_thinking=False,
+        )
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         """``prompt_embeds [B, max_length, len(text_layers) * D]``: Qwen3 hidden states of ``text_layers``."""
         tok = self.tokenizers["tokenizer"]
-        enc = tok([self.chat_text(p) for p in prompts], padding="max_length", truncation=True,
-                  max_length=self.max_length, return_tensors="pt")
+        enc = tok(
+            [self.chat_text(p) for p in prompts],
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
         lm: nn.Module = self.text_encoders["text_encoder"]
         # the decoder stack alone: the LM head's [B, L, vocab] logits are never used
         body = getattr(lm, "model", lm)
-        out = body(input_ids=enc.input_ids.to(self.device), attention_mask=enc.attention_mask.to(self.device),
-                   output_hidden_states=True, use_cache=False)
+        out = body(
+            input_ids=enc.input_ids.to(self.device),
+            attention_mask=enc.attention_mask.to(self.device),
+            output_hidden_states=True,
+            use_cache=False,
+        )
         hs = torch.stack([out.hidden_states[k] for k in self.text_layers], dim=1)  # [B, n, L, D]
         b, n, length, d = hs.shape
         embeds = hs.permute(0, 2, 1, 3).reshape(b, length, n * d)
@@ -159,24 +193,37 @@ class Flux2Backbone(DiffusersBackbone):
         _, h, w = self.latent_shape(resolution)
         return h * w
 
-    def _forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, guidance: float) -> torch.Tensor:
+    def _forward(
+        self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, guidance: float
+    ) -> torch.Tensor:
         b, _, h, w = x.shape
         dt = self.transformer.dtype
         emb = cast_conditioning(cond, self.device, dt).tensors["prompt_embeds"]
-        g = (torch.full((b,), float(guidance), device=self.device, dtype=torch.float32)
-             if self.guidance_embeds else None)
+        g = (
+            torch.full((b,), float(guidance), device=self.device, dtype=torch.float32)
+            if self.guidance_embeds
+            else None
+        )
         out = self.transformer(
-            hidden_states=flatten_latents(x).to(dt), encoder_hidden_states=emb,
-            timestep=sigma.to(self.device).to(dt), img_ids=latent_ids(h, w, self.device),
-            txt_ids=text_ids(emb.shape[1], self.device), guidance=g, return_dict=False,
+            hidden_states=flatten_latents(x).to(dt),
+            encoder_hidden_states=emb,
+            timestep=sigma.to(self.device).to(dt),
+            img_ids=latent_ids(h, w, self.device),
+            txt_ids=text_ids(emb.shape[1], self.device),
+            guidance=g,
+            return_dict=False,
         )[0]
         return unflatten_latents(out[:, : h * w], h, w)
 
     def velocity(
-        self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, guidance: float = 1.0,
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        cond: Conditioning,
+        guidance: float = 1.0,
         uncond: Conditioning | None = None,
     ) -> torch.Tensor:
-        """``v [B, C, h, w]`` (dtype of ``x``); ``guidance > 1``: ``v_u + g (v_c - v_u)`` from two forwards."""
+        """``v [B, C, h, w]`` (dtype of ``x``); ``guidance > 1``: ``v_u + g (v_c - v_u)``, two forwards."""
         v = self._forward(x, sigma, cond, guidance)
         if guidance > 1.0:
             v_u = self._forward(x, sigma, self._resolve_uncond(cond, uncond), guidance).float()
@@ -186,6 +233,8 @@ class Flux2Backbone(DiffusersBackbone):
     def _to_vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
         bn = self.vae.bn
         mean = bn.running_mean.view(1, -1, 1, 1).to(latents.device, torch.float32)
-        std = torch.sqrt(bn.running_var.view(1, -1, 1, 1).to(latents.device, torch.float32)
-                         + self.vae.config.batch_norm_eps)
+        std = torch.sqrt(
+            bn.running_var.view(1, -1, 1, 1).to(latents.device, torch.float32)
+            + self.vae.config.batch_norm_eps
+        )
         return unpatchify(latents.float() * std + mean)

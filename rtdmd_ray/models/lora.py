@@ -11,7 +11,7 @@ Conventions (spec algorithms.md §4.3, rewards-inference.md §5.6 / §5.12):
   cold-start LoRA can be stacked under a fresh RL LoRA without a second copy of the base.
 * LoRA A/B weights are fp32 even when the base is bf16 (fp32 master weights); only they are trainable.
 * Flat names everywhere use the published ``generator_ema.pt`` format, adapter-independent:
-  ``<module path>.lora_A.default.weight`` ``[r, in]`` and ``<module path>.lora_B.default.weight`` ``[out, r]``.
+  ``<module path>.lora_A.default.weight [r, in]`` and ``<module path>.lora_B.default.weight [out, r]``.
 """
 
 from __future__ import annotations
@@ -33,19 +33,35 @@ LORA_ALPHA = 64
 
 # SD3 / SD3.5 / FLUX.1: image- and text-stream attention projections of the joint blocks (peft suffix match)
 SD3_FLUX1_TARGETS = (
-    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
 )
-# FLUX.2: suffixes for the double-stream blocks + the fused single-stream qkv/mlp projection; the single-stream
-# output projection is a bare Linear named ``attn.to_out`` and is listed per block (``to_out.0`` misses it)
+# FLUX.2: suffixes for the double-stream blocks + the fused single-stream qkv/mlp projection; the
+# single-stream output projection is a bare Linear ``attn.to_out``, listed per block (``to_out.0`` misses it)
 FLUX2_SUFFIX_TARGETS = (
-    "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "to_qkv_mlp_proj",
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+    "to_qkv_mlp_proj",
 )
 PUBLISHED_ADAPTER = "default"
 _PREFIXES = ("module.", "_orig_mod.", "base_model.model.", "transformer.")
 _LORA_KEY = re.compile(r"^(?P<path>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
 _DIFFUSERS_PIPELINES = {
-    "sd3": "StableDiffusion3Pipeline", "flux1": "FluxPipeline", "flux2": "Flux2KleinPipeline",
+    "sd3": "StableDiffusion3Pipeline",
+    "flux1": "FluxPipeline",
+    "flux2": "Flux2KleinPipeline",
 }
 
 
@@ -61,7 +77,10 @@ def lora_targets(family: str, transformer: nn.Module | None = None) -> list[str]
         if transformer is None:
             raise ValueError("lora_targets('flux2') needs the transformer to list its single-stream blocks")
         n_single = len(transformer.single_transformer_blocks)
-        return [*FLUX2_SUFFIX_TARGETS, *(f"single_transformer_blocks.{i}.attn.to_out" for i in range(n_single))]
+        return [
+            *FLUX2_SUFFIX_TARGETS,
+            *(f"single_transformer_blocks.{i}.attn.to_out" for i in range(n_single)),
+        ]
     raise ValueError(f"no LoRA target list for backbone family {family!r}: use sd3, flux1 or flux2")
 
 
@@ -82,8 +101,15 @@ def adapter_names(module: nn.Module) -> list[str]:
 
 
 def add_lora(
-    transformer: nn.Module, adapter: str, *, family: str | None = None, targets: Sequence[str] | None = None,
-    rank: int = LORA_RANK, alpha: float = LORA_ALPHA, init: str | bool = "gaussian", seed: int | None = None,
+    transformer: nn.Module,
+    adapter: str,
+    *,
+    family: str | None = None,
+    targets: Sequence[str] | None = None,
+    rank: int = LORA_RANK,
+    alpha: float = LORA_ALPHA,
+    init: str | bool = "gaussian",
+    seed: int | None = None,
 ) -> list[str]:
     """Inject a LoRA adapter named ``adapter`` into ``transformer``; returns the injected module paths.
 
@@ -102,8 +128,15 @@ def add_lora(
         raise ValueError(f"LoRA adapter {adapter!r} already exists on this transformer: pick another name")
     previous = _active_state(transformer)
     grads = {n: p.requires_grad for n, p in transformer.named_parameters()}
-    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init, target_modules=list(targets),
-                        lora_dropout=0.0, bias="none", use_rslora=False)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        init_lora_weights=init,
+        target_modules=list(targets),
+        lora_dropout=0.0,
+        bias="none",
+        use_rslora=False,
+    )
     with torch.random.fork_rng(devices=[], enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
@@ -179,8 +212,10 @@ def use_adapters_now(module: nn.Module, names: str | Sequence[str] | None) -> No
     if names is not None:
         unknown = [n for n in names if n not in known]
         if unknown:
-            raise KeyError(f"LoRA adapter(s) {unknown} not on this transformer (it has {sorted(known)}): "
-                           f"add them with add_lora first")
+            raise KeyError(
+                f"LoRA adapter(s) {unknown} not on this transformer (it has {sorted(known)}): "
+                f"add them with add_lora first"
+            )
     for _, layer in lora_layers(module):
         if names is None:
             layer._disable_adapters = True
@@ -216,7 +251,7 @@ def canonical_key(key: str) -> tuple[str, str] | None:
         changed = False
         for pre in _PREFIXES:
             if key.startswith(pre):
-                key, changed = key[len(pre):], True
+                key, changed = key[len(pre) :], True
     m = _LORA_KEY.match(key)
     if m is None:
         return None
@@ -253,7 +288,11 @@ class LoadReport:
 
 @torch.no_grad()
 def load_lora_state(
-    module: nn.Module, adapter: str, tensors: Mapping[str, torch.Tensor], *, strict: bool = True,
+    module: nn.Module,
+    adapter: str,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    strict: bool = True,
 ) -> LoadReport:
     """Copy ``tensors`` (any known key format) into adapter ``adapter``; bit-exact for same-dtype tensors.
 
@@ -275,18 +314,24 @@ def load_lora_state(
             report.unexpected.append(key)
             continue
         if tuple(value.shape) != tuple(dst.shape):
-            raise ValueError(f"LoRA tensor {key} has shape {tuple(value.shape)} but adapter {adapter!r} expects "
-                             f"{tuple(dst.shape)}: the checkpoint's rank or targets differ from model.lora")
+            raise ValueError(
+                f"LoRA tensor {key} has shape {tuple(value.shape)} but adapter {adapter!r} expects "
+                f"{tuple(dst.shape)}: the checkpoint's rank or targets differ from model.lora"
+            )
         dst.copy_(value.to(device=dst.device, dtype=dst.dtype))
         report.loaded += 1
     report.missing = [k for k in targets if k not in provided]
     if report.loaded == 0:
-        raise ValueError(f"no LoRA tensor matched adapter {adapter!r} (got {len(tensors)} keys, e.g. "
-                         f"{next(iter(tensors), None)!r}; expected e.g. {next(iter(targets))!r})")
+        raise ValueError(
+            f"no LoRA tensor matched adapter {adapter!r} (got {len(tensors)} keys, e.g. "
+            f"{next(iter(tensors), None)!r}; expected e.g. {next(iter(targets))!r})"
+        )
     if strict and (report.missing or report.unexpected):
-        raise ValueError(f"LoRA state for adapter {adapter!r}: {len(report.missing)} missing (e.g. "
-                         f"{report.missing[:1]}), {len(report.unexpected)} unexpected (e.g. {report.unexpected[:1]}); "
-                         f"pass strict=False to load the overlap")
+        raise ValueError(
+            f"LoRA state for adapter {adapter!r}: {len(report.missing)} missing (e.g. "
+            f"{report.missing[:1]}), {len(report.unexpected)} unexpected (e.g. {report.unexpected[:1]}); "
+            f"pass strict=False to load the overlap"
+        )
     return report
 
 
@@ -313,20 +358,26 @@ def is_lora_checkpoint(tensors: Mapping[str, Any]) -> bool:
 def _normalise(tensors: Mapping[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
     if not is_lora_checkpoint(tensors):
         bad = next((k for k in tensors if "lora_A" not in k and "lora_B" not in k), None)
-        raise ValueError(f"{source} is not a LoRA-only checkpoint (key {bad!r} is not lora_A/lora_B; empty: "
-                         f"{not tensors}): pass a generator_ema.pt / adapter_model.safetensors LoRA file")
+        raise ValueError(
+            f"{source} is not a LoRA-only checkpoint (key {bad!r} is not lora_A/lora_B; empty: "
+            f"{not tensors}): pass a generator_ema.pt / adapter_model.safetensors LoRA file"
+        )
     out = {}
     for k, v in tensors.items():
         ck = canonical_key(k)
         if ck is None:
-            raise ValueError(f"{source}: cannot parse LoRA key {k!r} (expected '<module>.lora_A[.adapter].weight')")
+            raise ValueError(
+                f"{source}: cannot parse LoRA key {k!r} (expected '<module>.lora_A[.adapter].weight')"
+            )
         out[published_key(*ck)] = v
     return out
 
 
 def _peft_dir(path: Path) -> Path | None:
     for cand in (path, path / "transformer"):
-        if cand.is_dir() and ((cand / "adapter_model.safetensors").exists() or (cand / "adapter_config.json").exists()):
+        if cand.is_dir() and (
+            (cand / "adapter_model.safetensors").exists() or (cand / "adapter_config.json").exists()
+        ):
             return cand
     return None
 
@@ -354,17 +405,23 @@ def load_lora_file(path: str | Path, *, rank: int = LORA_RANK, alpha: float = LO
         elif pt.exists():
             raw = torch.load(pt, map_location="cpu", weights_only=True)
         else:
-            raise FileNotFoundError(f"{peft_dir} has adapter_config.json but no adapter_model.safetensors/.pt")
+            raise FileNotFoundError(
+                f"{peft_dir} has adapter_config.json but no adapter_model.safetensors/.pt"
+            )
         return LoraFile(_normalise(raw, str(peft_dir)), rank, alpha, targets)
     if p.is_dir():
         cands = sorted(p.glob("*.safetensors"))
         if len(cands) != 1:
-            raise FileNotFoundError(f"LoRA directory {p} has no adapter_config.json and {len(cands)} .safetensors "
-                                    f"files: point lora_paths at the file itself")
+            raise FileNotFoundError(
+                f"LoRA directory {p} has no adapter_config.json and {len(cands)} .safetensors "
+                f"files: point lora_paths at the file itself"
+            )
         p = cands[0]
     if not p.is_file():
-        raise FileNotFoundError(f"LoRA path {p} not found: expected a PEFT directory, <checkpoint>/transformer, "
-                                f"a generator_ema.pt or a .safetensors file")
+        raise FileNotFoundError(
+            f"LoRA path {p} not found: expected a PEFT directory, <checkpoint>/transformer, "
+            f"a generator_ema.pt or a .safetensors file"
+        )
     if p.suffix == ".safetensors":
         raw = load_file(str(p))
         with safe_open(str(p), framework="pt") as f:
@@ -384,8 +441,13 @@ def load_lora_file(path: str | Path, *, rank: int = LORA_RANK, alpha: float = LO
 
 
 def save_lora(
-    path: str | Path, tensors: Mapping[str, torch.Tensor], *, rank: int = LORA_RANK, alpha: float = LORA_ALPHA,
-    target_modules: Sequence[str] | None = None, family: str | None = None,
+    path: str | Path,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    rank: int = LORA_RANK,
+    alpha: float = LORA_ALPHA,
+    target_modules: Sequence[str] | None = None,
+    family: str | None = None,
 ) -> Path:
     """Write published-format LoRA tensors: ``.pt`` = the reference's ``generator_ema.pt`` (torch.save of the
     LoRA-only dict); ``.safetensors`` = our format (rank, alpha, targets, family in the metadata)."""
@@ -397,9 +459,13 @@ def save_lora(
     if p.suffix == ".pt":
         torch.save(cpu, p)
     elif p.suffix == ".safetensors":
-        meta = {"format": "rtdmd-ray-lora", "rank": str(rank), "alpha": str(alpha),
-                "target_modules": json.dumps(list(target_modules) if target_modules else None),
-                "family": family or ""}
+        meta = {
+            "format": "rtdmd-ray-lora",
+            "rank": str(rank),
+            "alpha": str(alpha),
+            "target_modules": json.dumps(list(target_modules) if target_modules else None),
+            "family": family or "",
+        }
         save_file(cpu, str(p), metadata=meta)
     else:
         raise ValueError(f"LoRA file {p} must end in .pt (published format) or .safetensors (ours)")
@@ -407,8 +473,13 @@ def save_lora(
 
 
 def save_peft_dir(
-    directory: str | Path, tensors: Mapping[str, torch.Tensor], *, rank: int = LORA_RANK,
-    alpha: float = LORA_ALPHA, target_modules: Sequence[str], init: str | bool = "gaussian",
+    directory: str | Path,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    rank: int = LORA_RANK,
+    alpha: float = LORA_ALPHA,
+    target_modules: Sequence[str],
+    init: str | bool = "gaussian",
 ) -> Path:
     """The reference checkpoint's ``transformer/`` folder: ``adapter_model.safetensors`` (``.default.`` keys)
     and a hand-written ``adapter_config.json``."""
@@ -418,30 +489,54 @@ def save_peft_dir(
     d.mkdir(parents=True, exist_ok=True)
     cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in _normalise(tensors, "tensors").items()}
     save_file(cpu, str(d / "adapter_model.safetensors"))
-    cfg = {"r": rank, "lora_alpha": alpha, "target_modules": list(target_modules), "lora_dropout": 0.0,
-           "bias": "none", "peft_type": "LORA", "task_type": None, "init_lora_weights": init, "use_rslora": False}
+    cfg = {
+        "r": rank,
+        "lora_alpha": alpha,
+        "target_modules": list(target_modules),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "peft_type": "LORA",
+        "task_type": None,
+        "init_lora_weights": init,
+        "use_rslora": False,
+    }
     (d / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
     return d
 
 
 def export_diffusers_lora(
-    directory: str | Path, tensors: Mapping[str, torch.Tensor], *, family: str, rank: int = LORA_RANK,
-    alpha: float = LORA_ALPHA, target_modules: Sequence[str] | None = None,
+    directory: str | Path,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    family: str,
+    rank: int = LORA_RANK,
+    alpha: float = LORA_ALPHA,
+    target_modules: Sequence[str] | None = None,
 ) -> Path:
     """Write ``pytorch_lora_weights.safetensors`` that ``pipe.load_lora_weights(directory)`` and
-    ``transformer.load_lora_adapter(file, prefix="transformer")`` accept (keys ``transformer.<module>.lora_A.weight``,
-    rank/alpha in the ``lora_adapter_metadata`` so the scale alpha/r survives). Returns the file path."""
+    ``transformer.load_lora_adapter(file, prefix="transformer")`` accept: keys
+    ``transformer.<module>.lora_A.weight``, rank/alpha in the ``lora_adapter_metadata`` so the scale
+    alpha/r survives. Returns the file path."""
     import importlib
 
     from peft import LoraConfig
 
     if family not in _DIFFUSERS_PIPELINES:
-        raise ValueError(f"no diffusers pipeline for family {family!r}: use one of {sorted(_DIFFUSERS_PIPELINES)}")
+        raise ValueError(
+            f"no diffusers pipeline for family {family!r}: use one of {sorted(_DIFFUSERS_PIPELINES)}"
+        )
     pipe_cls = getattr(importlib.import_module("diffusers"), _DIFFUSERS_PIPELINES[family])
-    layers = {f"{path}.lora_{ab}.weight": v.detach().to("cpu").contiguous()
-              for k, v in _normalise(tensors, "tensors").items() for path, ab in [canonical_key(k)]}
-    modules = sorted({canonical_key(k)[0] for k in tensors}) if target_modules is None else list(target_modules)
-    meta = LoraConfig(r=rank, lora_alpha=alpha, target_modules=modules, lora_dropout=0.0, bias="none").to_dict()
+    layers = {
+        f"{path}.lora_{ab}.weight": v.detach().to("cpu").contiguous()
+        for k, v in _normalise(tensors, "tensors").items()
+        for path, ab in [canonical_key(k)]
+    }
+    modules = (
+        sorted({canonical_key(k)[0] for k in tensors}) if target_modules is None else list(target_modules)
+    )
+    meta = LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=modules, lora_dropout=0.0, bias="none"
+    ).to_dict()
     meta = {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
@@ -458,10 +553,13 @@ class MergeReport:
 
 @torch.no_grad()
 def merge_lora_into_base(
-    transformer: nn.Module, tensors: Mapping[str, torch.Tensor], *, rank: int = LORA_RANK,
+    transformer: nn.Module,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    rank: int = LORA_RANK,
     alpha: float = LORA_ALPHA,
 ) -> MergeReport:
-    """``W += (alpha / rank) * B @ A`` for every complete A/B pair, summed in fp32 and rounded once to W's dtype.
+    """``W += (alpha / rank) * B @ A`` for every complete A/B pair, summed in fp32, rounded once to W's dtype.
 
     ``tensors`` in any known key format; works on a plain or a peft-injected transformer. A delta whose shape
     only fits transposed is applied transposed; unmatched or incomplete pairs are counted as skipped.
@@ -489,12 +587,16 @@ def merge_lora_into_base(
         w.copy_((w.float() + scale * delta).to(w.dtype))
         merged += 1
     if merged == 0:
-        raise RuntimeError(f"merged 0 of {len(pairs)} LoRA pairs into {type(transformer).__name__}: the keys "
-                           f"(e.g. {next(iter(tensors), None)!r}) do not name its modules; wrong backbone?")
+        raise RuntimeError(
+            f"merged 0 of {len(pairs)} LoRA pairs into {type(transformer).__name__}: the keys "
+            f"(e.g. {next(iter(tensors), None)!r}) do not name its modules; wrong backbone?"
+        )
     return MergeReport(merged, skipped)
 
 
-def merge_lora_files(transformer: nn.Module, paths: Sequence[str | Path], **fallback: Any) -> list[MergeReport]:
+def merge_lora_files(
+    transformer: nn.Module, paths: Sequence[str | Path], **fallback: Any
+) -> list[MergeReport]:
     """Merge each LoRA file into the base in list order (cold start first, then RL), as inference does."""
     reports = []
     for p in paths:
@@ -505,8 +607,8 @@ def merge_lora_files(transformer: nn.Module, paths: Sequence[str | Path], **fall
 
 @torch.no_grad()
 def merge_adapter(transformer: nn.Module, adapter: str) -> int:
-    """Fold adapter ``adapter`` into the base weights (``W += scale * B @ A``, fp32 then W's dtype); the adapter
-    itself is left in place (re-initialise or delete it). Returns the number of merged layers."""
+    """Fold adapter ``adapter`` into the base weights (``W += scale * B @ A``, fp32, then W's dtype); the
+    adapter itself is left in place (re-initialise or delete it). Returns the number of merged layers."""
     n = 0
     for _, layer in lora_layers(transformer):
         if adapter not in layer.lora_A:
@@ -523,7 +625,11 @@ def merge_adapter(transformer: nn.Module, adapter: str) -> int:
 
 @torch.no_grad()
 def reinit_adapter(
-    transformer: nn.Module, adapter: str, *, a_std: float | None = None, generator: torch.Generator | None = None,
+    transformer: nn.Module,
+    adapter: str,
+    *,
+    a_std: float | None = None,
+    generator: torch.Generator | None = None,
 ) -> None:
     """B = 0 and A ~ N(0, a_std) (default ``1 / r``, peft's gaussian init; the reference's
     ``merge_before_training`` uses 1.0)."""
@@ -537,11 +643,16 @@ def reinit_adapter(
 
 
 def merge_before_training(
-    transformer: nn.Module, adapter: str, lora: LoraFile | Mapping[str, torch.Tensor], *,
-    reinit_a_std: float | None = None, generator: torch.Generator | None = None, strict: bool = True,
+    transformer: nn.Module,
+    adapter: str,
+    lora: LoraFile | Mapping[str, torch.Tensor],
+    *,
+    reinit_a_std: float | None = None,
+    generator: torch.Generator | None = None,
+    strict: bool = True,
 ) -> LoadReport:
-    """The RL start (spec algorithms.md §3.1): load the cold-start LoRA into ``adapter``, fold it into the base,
-    then re-initialise the adapter (B = 0, A ~ N(0, 1/r) or ``reinit_a_std``) to train a fresh LoRA on top.
+    """The RL start (spec algorithms.md §3.1): load the cold-start LoRA into ``adapter``, fold it into the
+    base, then re-initialise the adapter (B = 0, A ~ N(0, 1/r) or ``reinit_a_std``): a fresh LoRA on top.
 
     The adapter's own rank/alpha (set by ``add_lora``) define the scale; a ``LoraFile`` whose alpha/rank
     differ is rejected, because folding it with the adapter's scale would be wrong.
@@ -551,8 +662,10 @@ def merge_before_training(
         for _, layer in lora_layers(transformer):
             if adapter in layer.lora_A:
                 if abs(layer.scaling[adapter] - lora.scale) > 1e-12:
-                    raise ValueError(f"cold-start LoRA scale {lora.alpha}/{lora.rank} differs from adapter "
-                                     f"{adapter!r} scale {layer.scaling[adapter]}: set model.lora rank/alpha to match")
+                    raise ValueError(
+                        f"cold-start LoRA scale {lora.alpha}/{lora.rank} differs from adapter "
+                        f"{adapter!r} scale {layer.scaling[adapter]}: set model.lora rank/alpha to match"
+                    )
                 break
     report = load_lora_state(transformer, adapter, tensors, strict=strict)
     merge_adapter(transformer, adapter)
@@ -574,7 +687,9 @@ def merged_state_dict(transformer: nn.Module, adapters: str | Sequence[str]) -> 
         total = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
         for ad in adapters:
             if ad in layer.lora_A:
-                total += layer.scaling[ad] * (layer.lora_B[ad].weight.float() @ layer.lora_A[ad].weight.float())
+                total += layer.scaling[ad] * (
+                    layer.lora_B[ad].weight.float() @ layer.lora_A[ad].weight.float()
+                )
         deltas[f"{name}.weight"] = total
     out: dict[str, torch.Tensor] = {}
     for k, v in transformer.state_dict().items():
@@ -587,7 +702,9 @@ def merged_state_dict(transformer: nn.Module, adapters: str | Sequence[str]) -> 
     return out
 
 
-def save_merged_transformer(transformer: nn.Module, adapters: str | Sequence[str], directory: str | Path) -> Path:
+def save_merged_transformer(
+    transformer: nn.Module, adapters: str | Sequence[str], directory: str | Path
+) -> Path:
     """Save a diffusers transformer with ``adapters`` merged (loadable by ``<Class>.from_pretrained``)."""
     state = merged_state_dict(transformer, adapters)
     fresh = type(transformer).from_config(transformer.config)

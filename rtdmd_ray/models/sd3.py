@@ -48,8 +48,13 @@ class SD3Backbone(DiffusersBackbone):
 
     @classmethod
     def from_pretrained(
-        cls, path_or_repo: str | Path = SD35_MEDIUM, *, dtype: str | torch.dtype = "bf16",
-        device: torch.device | str = "cpu", t5_max_length: int = 128, config_key: str = "model.pretrained_path",
+        cls,
+        path_or_repo: str | Path = SD35_MEDIUM,
+        *,
+        dtype: str | torch.dtype = "bf16",
+        device: torch.device | str = "cpu",
+        t5_max_length: int = 128,
+        config_key: str = "model.pretrained_path",
     ) -> SD3Backbone:
         """Load the diffusers layout from a local directory or a hub id (one-line error when absent)."""
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
@@ -59,10 +64,14 @@ class SD3Backbone(DiffusersBackbone):
         root = resolve_model_dir(path_or_repo, subfolders=list(cls.layout), config_key=config_key)
 
         def diff(sub: str, klass: Any) -> Any:
-            return load_component(root, sub, lambda: klass.from_pretrained(root, subfolder=sub, torch_dtype=torch_dtype))
+            return load_component(
+                root, sub, lambda: klass.from_pretrained(root, subfolder=sub, torch_dtype=torch_dtype)
+            )
 
         def hf(sub: str, klass: Any) -> Any:
-            return load_component(root, sub, lambda: klass.from_pretrained(root, subfolder=sub, dtype=torch_dtype))
+            return load_component(
+                root, sub, lambda: klass.from_pretrained(root, subfolder=sub, dtype=torch_dtype)
+            )
 
         def tok(sub: str, klass: Any) -> Any:
             return load_component(root, sub, lambda: klass.from_pretrained(root, subfolder=sub))
@@ -71,7 +80,10 @@ class SD3Backbone(DiffusersBackbone):
             transformer=diff("transformer", SD3Transformer2DModel),
             vae=diff("vae", AutoencoderKL),
             scheduler=load_component(
-                root, "scheduler", lambda: FlowMatchEulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler")),
+                root,
+                "scheduler",
+                lambda: FlowMatchEulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler"),
+            ),
             text_encoders={
                 "text_encoder": hf("text_encoder", CLIPTextModelWithProjection),
                 "text_encoder_2": hf("text_encoder_2", CLIPTextModelWithProjection),
@@ -82,7 +94,9 @@ class SD3Backbone(DiffusersBackbone):
                 "tokenizer_2": tok("tokenizer_2", CLIPTokenizer),
                 "tokenizer_3": tok("tokenizer_3", T5TokenizerFast),
             },
-            dtype=torch_dtype, device=device, t5_max_length=t5_max_length,
+            dtype=torch_dtype,
+            device=device,
+            t5_max_length=t5_max_length,
         )
 
     # ------------------------------------------------------------------ text
@@ -90,8 +104,13 @@ class SD3Backbone(DiffusersBackbone):
         """Penultimate hidden states ``[B, 77, D_i]`` and projected pooled ``[B, P_i]`` of CLIP ``idx``."""
         tok = self.tokenizers["tokenizer" + idx]
         enc: nn.Module = self.text_encoders["text_encoder" + idx]
-        ids = tok(prompts, padding="max_length", max_length=self.clip_max_length, truncation=True,
-                  return_tensors="pt").input_ids.to(self.device)
+        ids = tok(
+            prompts,
+            padding="max_length",
+            max_length=self.clip_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
         out = enc(ids, output_hidden_states=True)
         return out.hidden_states[-2], out.text_embeds
 
@@ -103,8 +122,8 @@ class SD3Backbone(DiffusersBackbone):
         h2, p2 = self._clip("_2", prompts)
         t5: nn.Module = self.text_encoders["text_encoder_3"]
         ids = self.tokenizers["tokenizer_3"](
-            prompts, padding="max_length", max_length=self.t5_max_length, truncation=True,
-            return_tensors="pt").input_ids.to(self.device)
+            prompts, padding="max_length", max_length=self.t5_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(self.device)
         t5_h = t5(ids).last_hidden_state
         clip_h = torch.cat([h1, h2], dim=-1)
         # CLIP features are zero-padded up to T5's width so both fit one sequence
@@ -127,16 +146,22 @@ class SD3Backbone(DiffusersBackbone):
     def _forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         c = cast_conditioning(cond, self.device, self.transformer.dtype)
         return self.transformer(
-            hidden_states=x.to(self.transformer.dtype), timestep=t,
-            encoder_hidden_states=c.tensors["prompt_embeds"], pooled_projections=c.tensors["pooled"],
+            hidden_states=x.to(self.transformer.dtype),
+            timestep=t,
+            encoder_hidden_states=c.tensors["prompt_embeds"],
+            pooled_projections=c.tensors["pooled"],
             return_dict=False,
         )[0]
 
     def velocity(
-        self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, guidance: float = 1.0,
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        cond: Conditioning,
+        guidance: float = 1.0,
         uncond: Conditioning | None = None,
     ) -> torch.Tensor:
-        """``v [B, C, h, w]`` (dtype of ``x``) at ``x [B, C, h, w]``, ``sigma [B]``; SD3 sees ``t = 1000 sigma``."""
+        """``v [B, C, h, w]`` (dtype of ``x``) at ``x``, ``sigma [B]``; the model sees ``t = 1000 sigma``."""
         t = (sigma.to(torch.float32) * self.num_train_timesteps).to(self.device)
         if guidance > 1.0:
             u = self._resolve_uncond(cond, uncond)

@@ -27,11 +27,25 @@ TINY_RESOLUTION = 32
 # real scheduler configs (scheduler/scheduler_config.json of the published checkpoints)
 SCHEDULER_CONFIGS: dict[str, dict[str, Any]] = {
     "sd3": {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": False},
-    "flux1": {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5,
-              "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096},
-    "flux2": {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5,
-              "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096,
-              "time_shift_type": "exponential"},
+    "flux1": {
+        "num_train_timesteps": 1000,
+        "shift": 3.0,
+        "use_dynamic_shifting": True,
+        "base_shift": 0.5,
+        "max_shift": 1.15,
+        "base_image_seq_len": 256,
+        "max_image_seq_len": 4096,
+    },
+    "flux2": {
+        "num_train_timesteps": 1000,
+        "shift": 3.0,
+        "use_dynamic_shifting": True,
+        "base_shift": 0.5,
+        "max_shift": 1.15,
+        "base_image_seq_len": 256,
+        "max_image_seq_len": 4096,
+        "time_shift_type": "exponential",
+    },
 }
 
 _QWEN_CHAT_TEMPLATE = (
@@ -80,7 +94,9 @@ def tiny_qwen_tokenizer() -> Any:
     for ch in _byte_alphabet():
         vocab[ch] = len(vocab)
     tok = Qwen2TokenizerFast(vocab=vocab, merges=[], model_max_length=512)
-    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]})
+    tok.add_special_tokens(
+        {"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]}
+    )
     tok.chat_template = _QWEN_CHAT_TEMPLATE
     return tok
 
@@ -90,28 +106,53 @@ def _clip_config(tok: Any, hidden: int, projection: int) -> Any:
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
-        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, projection_dim=projection,
-        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        projection_dim=projection,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
     )
 
 
 def _t5_encoder(tok: Any, d_model: int) -> Any:
     from transformers import T5Config, T5EncoderModel
 
-    cfg = T5Config(vocab_size=len(tok), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=1, num_heads=2,
-                   relative_attention_num_buckets=8, pad_token_id=tok.pad_token_id,
-                   eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id)
+    cfg = T5Config(
+        vocab_size=len(tok),
+        d_model=d_model,
+        d_kv=8,
+        d_ff=2 * d_model,
+        num_layers=1,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        decoder_start_token_id=tok.pad_token_id,
+    )
     return T5EncoderModel(cfg)
 
 
 def _qwen3_lm(tok: Any, hidden: int, layers: int) -> Any:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-                      num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, head_dim=hidden // 2,
-                      max_position_embeddings=512, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                      tie_word_embeddings=True)
+    cfg = Qwen3Config(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=hidden // 2,
+        max_position_embeddings=512,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=True,
+    )
     return Qwen3ForCausalLM(cfg)
 
 
@@ -120,10 +161,17 @@ def _sd_vae(latent_channels: int) -> Any:
 
     # the real SD3 / FLUX.1 scaling and shift factors, so decode's arithmetic is the real one
     return AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
-        latent_channels=latent_channels, norm_num_groups=4, sample_size=TINY_RESOLUTION,
-        scaling_factor=1.5305, shift_factor=0.0609,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 8),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=TINY_RESOLUTION,
+        scaling_factor=1.5305,
+        shift_factor=0.0609,
     )
 
 
@@ -138,12 +186,23 @@ def _tiny_sd3() -> dict[str, Any]:
     te2 = CLIPTextModelWithProjection(_clip_config(tok2, hidden=24, projection=24))
     te3 = _t5_encoder(tok3, d_model=48)
     transformer = SD3Transformer2DModel(
-        sample_size=TINY_RESOLUTION // 2, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
-        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=48, caption_projection_dim=16,
-        pooled_projection_dim=16 + 24, pos_embed_max_size=16, qk_norm="rms_norm", dual_attention_layers=(0,),
+        sample_size=TINY_RESOLUTION // 2,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=48,
+        caption_projection_dim=16,
+        pooled_projection_dim=16 + 24,
+        pos_embed_max_size=16,
+        qk_norm="rms_norm",
+        dual_attention_layers=(0,),
     )
     return {
-        "transformer": transformer, "vae": _sd_vae(16),
+        "transformer": transformer,
+        "vae": _sd_vae(16),
         "scheduler": FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIGS["sd3"]),
         "text_encoders": {"text_encoder": te1, "text_encoder_2": te2, "text_encoder_3": te3},
         "tokenizers": {"tokenizer": tok1, "tokenizer_2": tok2, "tokenizer_3": tok3},
@@ -158,12 +217,21 @@ def _tiny_flux1() -> dict[str, Any]:
     te1 = CLIPTextModel(_clip_config(tok1, hidden=16, projection=16))
     te2 = _t5_encoder(tok2, d_model=32)
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=64, out_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=8,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True,
+        patch_size=1,
+        in_channels=64,
+        out_channels=64,
+        num_layers=1,
+        num_single_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=16,
+        guidance_embeds=True,
         axes_dims_rope=(2, 2, 4),
     )
     return {
-        "transformer": transformer, "vae": _sd_vae(16),
+        "transformer": transformer,
+        "vae": _sd_vae(16),
         "scheduler": FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIGS["flux1"]),
         "text_encoders": {"text_encoder": te1, "text_encoder_2": te2},
         "tokenizers": {"tokenizer": tok1, "tokenizer_2": tok2},
@@ -177,23 +245,39 @@ def _tiny_flux2() -> dict[str, Any]:
     hidden = 8
     lm = _qwen3_lm(tok, hidden=hidden, layers=27)  # deep enough for the real layers 9, 18, 27
     vae = AutoencoderKLFlux2(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
-        latent_channels=32, norm_num_groups=4, sample_size=TINY_RESOLUTION,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 8),
+        layers_per_block=1,
+        latent_channels=32,
+        norm_num_groups=4,
+        sample_size=TINY_RESOLUTION,
     )
     # non-trivial batch-norm statistics so the de-normalisation in decode is exercised
     with torch.no_grad():
         vae.bn.running_mean.normal_(0.0, 0.5)
         vae.bn.running_var.uniform_(0.5, 2.0)
     transformer = Flux2Transformer2DModel(
-        patch_size=1, in_channels=128, num_layers=1, num_single_layers=2, attention_head_dim=8,
-        num_attention_heads=2, joint_attention_dim=3 * hidden, timestep_guidance_channels=16, mlp_ratio=2.0,
-        axes_dims_rope=(2, 2, 2, 2), guidance_embeds=False,
+        patch_size=1,
+        in_channels=128,
+        num_layers=1,
+        num_single_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=3 * hidden,
+        timestep_guidance_channels=16,
+        mlp_ratio=2.0,
+        axes_dims_rope=(2, 2, 2, 2),
+        guidance_embeds=False,
     )
     return {
-        "transformer": transformer, "vae": vae,
+        "transformer": transformer,
+        "vae": vae,
         "scheduler": FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIGS["flux2"]),
-        "text_encoders": {"text_encoder": lm}, "tokenizers": {"tokenizer": tok},
+        "text_encoders": {"text_encoder": lm},
+        "tokenizers": {"tokenizer": tok},
     }
 
 
