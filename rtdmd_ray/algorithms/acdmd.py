@@ -38,7 +38,7 @@ def sample_renoise_sigma(
     max_step: int = 980,
     generator: torch.Generator | None = None,
     num_train_timesteps: int = 1000,
-    clamp_mode: str = "reference",
+    clamp_mode: str = "above_start",
 ) -> torch.Tensor:
     """Renoise levels ``sigma_e [B]`` float32 for boundary levels ``sigma_s [B]`` (spec §2.3 step 2).
 
@@ -54,8 +54,9 @@ def sample_renoise_sigma(
     ``P(sigma_e = 0.98) = 20/90``; with ``sigma_s = 0``, ``P(sigma_e = 0.02) = 10/990``.
     ``clamp_mode="reference"`` keeps the reference's clamp, where ``sigma_s > 0.97`` can give
     ``sigma_e < sigma_s`` (then ``e^2 - a^2 s^2 < 0`` and the target explodes, see §7.1 quirk 6).
-    ``clamp_mode="above_start"`` raises the upper clamp per sample to ``min(t_start, N-1)``, so
-    ``sigma_e >= min(sigma_s + offset/N, (N-1)/N)`` whenever the interval lies above ``max_step``.
+    ``clamp_mode="above_start"`` (default, ``ac_dmd.renoise_clamp``) raises the upper clamp per sample to
+    ``min(t_start, N-1)``, so ``sigma_e >= min(sigma_s + offset/N, (N-1)/N)``; both modes are identical
+    whenever ``N*sigma_s + offset <= max_step`` (every shipped schedule).
     """
     s = torch.as_tensor(sigma_s, dtype=torch.float64)
     n = float(num_train_timesteps)

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from rtdmd_ray.algorithms import acdmd, cps
+from rtdmd_ray.algorithms import acdmd, cps, schedules
 
 torch.set_num_threads(1)
 
@@ -122,15 +122,25 @@ def test_renoise_sigma_point_masses_and_range():
 def test_renoise_sigma_quirk6_reference_clamp_vs_above_start():
     g = torch.Generator().manual_seed(4)
     s = torch.full((1000,), 0.985)
-    ref = acdmd.sample_renoise_sigma(s, generator=g)
+    ref = acdmd.sample_renoise_sigma(s, generator=g, clamp_mode="reference")
     assert torch.all(ref < s)  # the reference clamp puts sigma_e BELOW sigma_s here
-    fixed = acdmd.sample_renoise_sigma(s, generator=g, clamp_mode="above_start")
+    fixed = acdmd.sample_renoise_sigma(s, generator=g)  # default: above_start
     assert torch.all(fixed > s) and torch.allclose(fixed, torch.full_like(fixed, 0.995))
     # both modes agree wherever the interval is below max_step
     low = torch.rand(1000, generator=torch.Generator().manual_seed(5)) * 0.9
-    a = acdmd.sample_renoise_sigma(low, generator=torch.Generator().manual_seed(6))
-    b = acdmd.sample_renoise_sigma(low, generator=torch.Generator().manual_seed(6), clamp_mode="above_start")
+    a = acdmd.sample_renoise_sigma(low, generator=torch.Generator().manual_seed(6), clamp_mode="reference")
+    b = acdmd.sample_renoise_sigma(low, generator=torch.Generator().manual_seed(6))
     assert torch.equal(a, b)
+    # every boundary of every shipped schedule (training and inference resolutions) is unaffected
+    boundaries = []
+    for backbone in ("sd3", "flux1", "flux2"):
+        for px in (512, 1024):
+            seq = schedules.image_seq_len_for(backbone, px)
+            boundaries += schedules.sigma_schedule(backbone, image_seq_len=seq)[1:]
+    bnd = torch.tensor(boundaries).repeat(50)
+    a = acdmd.sample_renoise_sigma(bnd, generator=torch.Generator().manual_seed(7), clamp_mode="reference")
+    b = acdmd.sample_renoise_sigma(bnd, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b) and torch.all(a > bnd)
     with pytest.raises(ValueError, match="renoise_clamp"):
         acdmd.sample_renoise_sigma(low, clamp_mode="none")
 
