@@ -123,3 +123,46 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     path = Path(path)
     path.write_text(json.dumps(obj))
     return path
+
+
+def save_tiny_mask2former(
+    path: str | os.PathLike[str], *, num_labels: int = 80, image_px: int = 64, seed: int = 0
+) -> Path:
+    """Save a random tiny ``Mask2FormerForUniversalSegmentation`` (Swin backbone) + PIL image processor."""
+    from transformers import (
+        Mask2FormerConfig,
+        Mask2FormerForUniversalSegmentation,
+        Mask2FormerImageProcessorPil,
+        SwinConfig,
+    )
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    swin = SwinConfig(
+        image_size=image_px,
+        patch_size=4,
+        embed_dim=16,
+        depths=[1, 1, 1, 1],
+        num_heads=[1, 1, 2, 2],
+        window_size=4,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
+    config = Mask2FormerConfig(
+        backbone_config=swin,
+        num_labels=num_labels,
+        hidden_dim=32,
+        mask_feature_size=32,
+        feature_size=32,
+        num_queries=12,
+        encoder_layers=1,
+        decoder_layers=2,
+        num_attention_heads=2,
+        dim_feedforward=64,
+        encoder_feedforward_dim=64,
+        common_stride=4,
+    )
+    Mask2FormerForUniversalSegmentation(config).save_pretrained(path)
+    Mask2FormerImageProcessorPil(
+        size={"shortest_edge": image_px, "longest_edge": 2 * image_px}, size_divisor=32
+    ).save_pretrained(path)
+    return path
