@@ -54,7 +54,7 @@ OBJECT_NAMES: tuple[str, ...] = (
     "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
     "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "computer mouse", "tv remote",
     "computer keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book",
-    "clock",    "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+    "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
 )  # fmt: skip
 COLORS: tuple[str, ...] = (
     "red",
