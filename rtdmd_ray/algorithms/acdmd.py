@@ -206,7 +206,7 @@ def consistency_loss(
             (with grad for the end evaluations, under no-grad for transitions if ``stopgrad_transitions``).
         x_e: renoised sample ``[B, C, H, W]``; ``sigma_e``: ``[B]``; ``v_e``: the fake velocity at
             ``(x_e, sigma_e)``, the same prediction used in the AC loss (with grad).
-        eta: transition stochasticity (``dmd.cps_eta``).
+        eta: transition stochasticity (``ac_dmd.transition_eta``; the reference's ``dmd.cps_eta``).
         epsilon_timestep: ``Delta`` of the jump sizes, in timestep units (200 = 0.2 in sigma).
         jump_steps: optional precomputed ``[num_steps, B]`` jumps (``draw_jump_steps``), e.g. broadcast
             from rank 0.

@@ -131,7 +131,9 @@ def cps_step(
         final step). No noise is drawn when every sample is deterministic.
     """
     if not 0.0 <= eta <= 1.0:
-        raise ValueError(f"CPS eta must be in [0, 1] (config keys grpo.noise_level / dmd.cps_eta), got {eta}")
+        raise ValueError(
+            f"CPS eta must be in [0, 1] (config keys sampling.eta / ac_dmd.transition_eta), got {eta}"
+        )
     if x.shape != v.shape:
         raise ValueError(f"x {tuple(x.shape)} and v {tuple(v.shape)} must have the same shape")
     x32, v32 = x.float(), v.float()

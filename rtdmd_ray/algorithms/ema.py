@@ -21,16 +21,27 @@ def should_update(step: int, interval: int) -> bool:
     """The RL EMA acts only when ``(step + 1) % interval == 0`` (interval 8 shipped)."""
     if interval < 1:
         raise ValueError(
-            f"EMA update interval must be >= 1 (config key train.ema_update_interval), got {interval}"
+            f"EMA update interval must be >= 1 (config key train.ema.interval_steps), got {interval}"
         )
     return (step + 1) % interval == 0
 
 
-NamedParams = Iterable[tuple[str, torch.nn.Parameter]]
+NamedParams = Iterable[tuple[str, torch.Tensor]] | Iterable[torch.Tensor]
+
+
+def _named(params: NamedParams) -> list[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` pairs; a plain list of tensors is named by position (``"0"``, ``"1"``, ...)."""
+    items = list(params)
+    if items and isinstance(items[0], torch.Tensor):
+        return [(str(i), p) for i, p in enumerate(items)]
+    return [(str(n), p) for n, p in items]
 
 
 class EMA:
     """fp32 shadow copies of a fixed list of named parameters (e.g. the LoRA A/B matrices).
+
+    Parameters are given as ``(name, tensor)`` pairs (``module.named_parameters()``), matched by name on every
+    call, or as a plain list of tensors, matched by position.
 
     ``update`` does ``shadow += (1 - decay) * (param - shadow)``. ``swap_in`` copies the shadows into the live
     parameters (keeping the live values on the side) and ``swap_out`` restores them; ``applied_to`` does both
@@ -40,7 +51,7 @@ class EMA:
     def __init__(self, named_params: NamedParams, device: torch.device | str | None = None):
         self.names: list[str] = []
         self.shadow: dict[str, torch.Tensor] = {}
-        for name, p in named_params:
+        for name, p in _named(named_params):
             self.names.append(name)
             self.shadow[name] = p.detach().to(device=device or p.device, dtype=torch.float32, copy=True)
         if not self.names:
@@ -49,7 +60,7 @@ class EMA:
         self.num_updates = 0
 
     def _matched(self, named_params: NamedParams) -> Iterator[tuple[str, torch.nn.Parameter]]:
-        given = dict(named_params)
+        given = dict(_named(named_params))
         missing = [n for n in self.names if n not in given]
         if missing:
             raise KeyError(f"EMA parameters missing from the module: {missing[:5]} (of {len(missing)})")

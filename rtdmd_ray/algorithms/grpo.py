@@ -153,9 +153,11 @@ def compute_advantages(
     """
     missing = [k for k in weights if k not in rewards]
     if missing:
-        raise KeyError(f"rewards {sorted(rewards)} lack the weighted keys {missing} (config key rewards)")
+        raise KeyError(
+            f"rewards {sorted(rewards)} lack the weighted keys {missing} (config key rewards.weights)"
+        )
     if not weights:
-        raise ValueError("compute_advantages needs at least one weighted reward (config key rewards)")
+        raise ValueError("compute_advantages needs at least one weighted reward (config key rewards.weights)")
     first = next(iter(rewards[k] for k in weights))
     n = len(prompts)
     device = first.device
@@ -212,7 +214,7 @@ def zero_advantage_filter(advantages: torch.Tensor, num_batches: int, epoch: int
     if num_batches < 1 or n % num_batches:
         raise ValueError(
             f"{n} local samples cannot be split into num_batches={num_batches} equal sub-batches "
-            "(config key grpo.num_batches_per_epoch)"
+            "(config key grpo.sample_batches_per_epoch)"
         )
     keep = adv.abs().sum(dim=1).cpu() != 0
     if not bool(keep.any()) and n > 0:

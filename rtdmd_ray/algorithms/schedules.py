@@ -24,7 +24,8 @@ _FLUX2_LONG_SEQ = 4300
 def _check_backbone(backbone: str) -> None:
     if backbone not in BACKBONES:
         raise ValueError(
-            f"unknown backbone {backbone!r}: expected one of {BACKBONES} (config key model.backbone)"
+            f"unknown backbone family {backbone!r}: expected one of {BACKBONES} "
+            "(derived from config key model.backbone)"
         )
 
 
@@ -119,13 +120,13 @@ def sigma_schedule(
     _check_backbone(backbone)
     steps = [float(t) for t in step_list]
     if not steps:
-        raise ValueError("step_list is empty (config key dmd.denoising_step_list)")
+        raise ValueError("step_list is empty (config key sampling.denoising_step_list)")
     in_range = all(0.0 < t <= num_train_timesteps for t in steps)
     decreasing = all(a > b for a, b in zip(steps, steps[1:], strict=False))
     if not (in_range and decreasing):
         raise ValueError(
             f"step_list must be strictly decreasing values in (0, {num_train_timesteps}], "
-            f"got {list(step_list)} (config key dmd.denoising_step_list)"
+            f"got {list(step_list)} (config key sampling.denoising_step_list)"
         )
     if shift_terminal and backbone != "flux2":
         raise ValueError(

@@ -181,7 +181,7 @@ def test_sde_step_flow_grpo_formula():
 
 
 def test_cps_input_validation():
-    with pytest.raises(ValueError, match="noise_level"):
+    with pytest.raises(ValueError, match="sampling.eta"):
         cps.cps_step(X, V, 0.9, 0.75, 1.5)
     with pytest.raises(ValueError, match="log_prob"):
         cps.cps_log_prob(X, V, kind="exact")

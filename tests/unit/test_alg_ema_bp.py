@@ -50,6 +50,16 @@ def test_ema_fp32_shadow_does_not_stall_on_bf16_parameters():
     assert (e.shadow["w"] > 1.0).all()
 
 
+def test_ema_accepts_a_plain_parameter_list_matched_by_position():
+    params = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.ones(3))]
+    e = ema.EMA(params)
+    with torch.no_grad():
+        params[0].fill_(1.0)
+    e.update(params, decay=0.75)
+    assert e.names == ["0", "1"]
+    assert torch.allclose(e.shadow["0"], torch.full((2,), 0.25)) and torch.equal(e.shadow["1"], torch.ones(3))
+
+
 def test_ema_swap_in_out_and_context_manager_restore_live_weights():
     m = _module()
     e = ema.EMA(m.named_parameters())

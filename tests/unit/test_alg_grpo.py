@@ -134,7 +134,7 @@ def test_inv21_zero_advantage_filter():
         rows = torch.rand(16, generator=torch.Generator().manual_seed(seed)) > 0.6
         kept = grpo.zero_advantage_filter(rows.float(), num_batches, seed, 0)
         assert kept.sum().item() % num_batches == 0 and kept.sum().item() >= num_batches
-    with pytest.raises(ValueError, match="num_batches_per_epoch"):
+    with pytest.raises(ValueError, match="sample_batches_per_epoch"):
         grpo.zero_advantage_filter(torch.ones(10), 4, 0, 0)
 
 
