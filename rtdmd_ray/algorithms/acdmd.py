@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from rtdmd_ray.algorithms.cps import cps_step
+from rtdmd_ray.algorithms.cps import cps_step, randn_like_on
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``velocity_fn(x [B, C, H, W], sigma [B]) -> v [B, C, H, W]``: the fake score, conditioning bound."""
@@ -42,8 +42,9 @@ def sample_renoise_sigma(
 ) -> torch.Tensor:
     """Renoise levels ``sigma_e [B]`` float32 for boundary levels ``sigma_s [B]`` (spec §2.3 step 2).
 
-    Drawn on ``sigma_s``'s device (pass CPU levels with a CPU ``generator``; broadcast them from one rank to
-    reproduce the cold start, where all ranks share the times).
+    Returned on ``sigma_s``'s device; the uniform draw happens on ``generator``'s device (a CPU generator is
+    fine for CUDA levels). Broadcast the result from one rank, or draw it with a generator seeded identically
+    on every rank, to reproduce the cold start, where all ranks share the times.
 
     ``t_start = N*sigma_s + offset``, ``t_end = end_timestep`` (or ``t_start + 1`` if that is not larger),
     ``t_r ~ Uniform(t_start, t_end)`` continuous, clamped to ``[max(0, min_step), min(max_step, N-1)]``;
@@ -63,7 +64,9 @@ def sample_renoise_sigma(
     t_start = n * s.clamp(0.0, 1.0) + offset
     t_end = torch.full_like(t_start, float(end_timestep))
     t_end = torch.where(t_end <= t_start, t_start + 1.0, t_end)
-    u = torch.rand(t_start.shape, generator=generator, dtype=torch.float64, device=t_start.device)
+    rng_device = generator.device if generator is not None else t_start.device
+    u = torch.rand(t_start.shape, generator=generator, dtype=torch.float64, device=rng_device)
+    u = u.to(t_start.device)
     t_r = t_start + u * (t_end - t_start)
     lo = float(max(0, min_step))
     hi = torch.full_like(t_start, float(min(max_step, num_train_timesteps - 1)))
@@ -167,7 +170,9 @@ def draw_jump_steps(
         ``[num_steps, batch_size]`` int64 (draw it on one rank and broadcast it to reproduce the cold start).
     """
     delta_max = max(1, round(epsilon_timestep))
-    return torch.randint(1, delta_max + 1, (num_steps, batch_size), generator=generator, dtype=torch.int64)
+    device = generator.device if generator is not None else None
+    shape = (num_steps, batch_size)
+    return torch.randint(1, delta_max + 1, shape, generator=generator, dtype=torch.int64, device=device)
 
 
 def consistency_loss(
@@ -257,7 +262,7 @@ def consistency_loss(
             for k in range(num_steps):
                 if k > 0:
                     v = velocity_fn(x, sig_seq[k])
-                noise = torch.randn(x.shape, generator=generator, dtype=torch.float32, device=x.device)
+                noise = randn_like_on(x, generator)
                 x = step_fn(x, v, sig_seq[k], sig_seq[k + 1], noise)
         paths.append(x)
 

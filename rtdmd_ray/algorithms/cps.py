@@ -47,6 +47,18 @@ def _per_sample(value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor
     return t.reshape(-1, *([1] * (like.ndim - 1)))
 
 
+def randn_like_on(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """float32 standard normal noise shaped like ``x`` on ``x``'s device, drawn on the generator's device.
+
+    A CPU generator therefore works for CUDA latents (the draw happens on the CPU, then moves), which also
+    makes seeded draws device-independent; without a generator the global RNG of ``x``'s device is used.
+    """
+    if generator is None:
+        return torch.randn(x.shape, dtype=torch.float32, device=x.device)
+    noise = torch.randn(x.shape, generator=generator, dtype=torch.float32, device=generator.device)
+    return noise.to(x.device)
+
+
 def _mean_chw(t: torch.Tensor) -> torch.Tensor:
     """Average over every non-batch dim: ``[B, ...] -> [B]``."""
     return t.mean(dim=tuple(range(1, t.ndim)))
@@ -160,7 +172,7 @@ def cps_step(
         sample32 = mean
     else:
         if noise is None:
-            noise = torch.randn(x32.shape, generator=generator, dtype=torch.float32, device=x32.device)
+            noise = randn_like_on(x32, generator)
         elif noise.shape != x.shape:
             raise ValueError(f"noise {tuple(noise.shape)} must have the shape of x {tuple(x.shape)}")
         sample32 = mean + rho * noise.to(device=x32.device, dtype=torch.float32)
@@ -212,7 +224,7 @@ def sde_step(
         sample32 = prev_sample.detach().float()
     else:
         if noise is None:
-            noise = torch.randn(x32.shape, generator=generator, dtype=torch.float32, device=x32.device)
+            noise = randn_like_on(x32, generator)
         sample32 = mean + scale * noise.float()
     elem = (
         -((sample32.detach() - mean) ** 2) / (2 * scale**2) - torch.log(scale) - 0.5 * math.log(2 * math.pi)

@@ -200,7 +200,8 @@ def sample_timestep_indices(
     generator: torch.Generator | None = None,
     num_train_timesteps: int = 1000,
 ) -> torch.Tensor:
-    """Integer indices into the training table (spec §1.2 ``_sample_timesteps``), on the CPU.
+    """Integer indices into the training table (spec §1.2 ``_sample_timesteps``), on the generator's device
+    (the CPU without one).
 
     ``uniform``: integer uniform on ``[min_step, min(max_step, N-1)]``.
     ``logit_normal``: ``u = sigmoid(N(mean, std))``, ``idx = min_step + clamp(floor(u * R), 0, R-1)`` with
@@ -214,13 +215,13 @@ def sample_timestep_indices(
     lo = int(min_step)
     if lo < 0 or lo > hi:
         raise ValueError(f"need 0 <= min_step <= max_step, got min_step={min_step}, max_step={max_step}")
+    device = generator.device if generator is not None else None
     if scheme == "uniform":
-        return torch.randint(lo, hi + 1, (batch_size,), generator=generator, dtype=torch.int64)
+        return torch.randint(lo, hi + 1, (batch_size,), generator=generator, dtype=torch.int64, device=device)
     if scheme == "logit_normal":
         span = hi - lo + 1
-        u = torch.sigmoid(
-            torch.randn(batch_size, generator=generator, dtype=torch.float64) * logit_std + logit_mean
-        )
+        normal = torch.randn(batch_size, generator=generator, dtype=torch.float64, device=device)
+        u = torch.sigmoid(normal * logit_std + logit_mean)
         return lo + torch.clamp(torch.floor(u * span).to(torch.int64), 0, span - 1)
     raise ValueError(f"timestep sampling scheme must be 'uniform' or 'logit_normal', got {scheme!r}")
 

@@ -185,3 +185,16 @@ def test_cps_input_validation():
         cps.cps_step(X, V, 0.9, 0.75, 1.5)
     with pytest.raises(ValueError, match="log_prob"):
         cps.cps_log_prob(X, V, kind="exact")
+
+
+def test_seeded_noise_is_device_independent_with_a_cpu_generator():
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    draws = []
+    for device in devices:
+        x = torch.zeros(2, 3, 4, 4, device=device)
+        noise = cps.randn_like_on(x, torch.Generator().manual_seed(11))
+        assert noise.device.type == device and noise.dtype == torch.float32
+        out = cps.cps_step(x, x, 0.9, 0.75, 0.9, generator=torch.Generator().manual_seed(11))
+        assert torch.equal(out.sample.cpu(), (out.std * noise).cpu())
+        draws.append(noise.cpu())
+    assert all(torch.equal(d, draws[0]) for d in draws)
