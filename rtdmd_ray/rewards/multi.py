@@ -36,7 +36,7 @@ class MultiScorer:
             ``allow_unavailable`` is set.
         ckpt_dir: reward checkpoint root passed to every scorer (``None``: ``$RTDMD_REWARD_CKPT_PATH``).
         device: torch device for every scorer.
-        batch_sizes: ``{reward_name: images_per_call}``; a reward not listed scores the whole batch at once.
+        batch_images: ``{reward_name: images_per_call}``; a reward not listed scores the whole batch at once.
         options: ``{reward_name: {option: value}}`` passed to that scorer's constructor.
         allow_unavailable: skip (and record in ``unavailable``) scorers whose construction fails, instead of
             raising. Training keeps it False so a missing reward fails at pool start.
@@ -49,7 +49,7 @@ class MultiScorer:
         *,
         ckpt_dir: str | os.PathLike[str] | None = None,
         device: str = "cpu",
-        batch_sizes: Mapping[str, int] | None = None,
+        batch_images: Mapping[str, int] | None = None,
         options: Mapping[str, Mapping[str, Any]] | None = None,
         allow_unavailable: bool = False,
         scorers: Mapping[str, Scorer] | None = None,
@@ -57,13 +57,13 @@ class MultiScorer:
         if not weights:
             raise ValueError("MultiScorer: rewards.weights is empty; give at least one {name: weight}")
         validate_reward_names(weights)
-        validate_reward_names(batch_sizes or {}, where="rewards.batch_sizes")
+        validate_reward_names(batch_images or {}, where="rewards.batch_images")
         validate_reward_names(options or {}, where="rewards.options")
-        for name, bs in (batch_sizes or {}).items():
+        for name, bs in (batch_images or {}).items():
             if int(bs) < 1:
-                raise ValueError(f"rewards.batch_sizes.{name} must be >= 1, got {bs}")
+                raise ValueError(f"rewards.batch_images.{name} must be >= 1, got {bs}")
         self.weights = {name: float(w) for name, w in weights.items()}
-        self.batch_sizes = {name: int(bs) for name, bs in (batch_sizes or {}).items()}
+        self.batch_images = {name: int(bs) for name, bs in (batch_images or {}).items()}
         self.unavailable: dict[str, str] = {}
         self.scorers: dict[str, Scorer] = {}
         for name in self.weights:
@@ -133,7 +133,7 @@ class MultiScorer:
         metadata: Sequence[dict[str, Any]] | None,
     ) -> dict[str, torch.Tensor]:
         parts: list[dict[str, torch.Tensor]] = []
-        for sl in chunks(images.shape[0], self.batch_sizes.get(name)):
+        for sl in chunks(images.shape[0], self.batch_images.get(name)):
             md = list(metadata[sl]) if metadata is not None else None
             res = scorer(images[sl], prompts[sl], md)
             if name not in res:

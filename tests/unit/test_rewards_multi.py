@@ -60,7 +60,7 @@ def test_mean_is_weighted_sum_not_average():
 
 def test_single_reward_is_w_times_s_and_batch_size_splits_calls():
     fs = FixedScorer("clipscore", [0.1, 0.2, 0.3, 0.4, 0.5])
-    ms = MultiScorer({"clipscore": 2.0}, scorers={"clipscore": fs}, batch_sizes={"clipscore": 2})
+    ms = MultiScorer({"clipscore": 2.0}, scorers={"clipscore": fs}, batch_images={"clipscore": 2})
     out = ms(_indexed_images(5), ["p"] * 5)
     assert fs.calls == [2, 2, 1]
     assert torch.allclose(out["mean"], 2.0 * torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5]))
@@ -80,8 +80,8 @@ def test_extra_keys_copied_and_clashes_prefixed():
 def test_unknown_reward_raises_even_with_allow_unavailable():
     with pytest.raises(UnknownReward, match="nosuchreward"):
         MultiScorer({"nosuchreward": 1.0}, allow_unavailable=True)
-    with pytest.raises(UnknownReward, match="rewards.batch_sizes"):
-        MultiScorer({"brightness": 1.0}, batch_sizes={"typo": 2})
+    with pytest.raises(UnknownReward, match="rewards.batch_images"):
+        MultiScorer({"brightness": 1.0}, batch_images={"typo": 2})
     validate_reward_names(KNOWN_REWARDS)
 
 
