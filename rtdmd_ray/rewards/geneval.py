@@ -286,8 +286,7 @@ def check_metadata(metadata: Any, n: int) -> list[dict[str, Any]]:
         )
         raise ValueError(
             f"geneval needs a list of {n} metadata dicts (tag, include[, exclude]) aligned with the images, "
-            f"got "
-            f"{got}; use a GenEval metadata prompt set (e.g. geneval/test_metadata.jsonl)"
+            f"got {got}; use a GenEval metadata prompt set (e.g. geneval/test_metadata.jsonl)"
         )
     for md in metadata:
         if "tag" not in md or "include" not in md:
@@ -468,9 +467,8 @@ class MmdetDetector:
         except ImportError as exc:
             raise ImportError(
                 "geneval detector 'mmdet' needs mmdet + mmcv (not installable next to our torch stack): run "
-                "the "
-                "GenEval reward actor with runtime_env=rtdmd_ray.rewards.geneval.MMDET_RUNTIME_ENV, or use "
-                "rewards.options.geneval.detector='mask2former'"
+                "the GenEval reward actor with runtime_env=rtdmd_ray.rewards.geneval.MMDET_RUNTIME_ENV, or "
+                "use rewards.options.geneval.detector='mask2former'"
             ) from exc
         site = os.path.dirname(os.path.dirname(mmdet.__file__))
         cfg_dirs = [
@@ -483,8 +481,8 @@ class MmdetDetector:
         if config is None or ckpt is None:
             raise RewardWeightsMissing(
                 f"geneval: mmdet {'config' if config is None else 'checkpoint'} not found; set "
-                f"{MMDET_CONFIG_ENV}"
-                f" / {MMDET_CKPT_ENV} or put {MMDET_CKPT_NAMES[0]} under $RTDMD_REWARD_CKPT_PATH"
+                f"{MMDET_CONFIG_ENV} / {MMDET_CKPT_ENV} or put {MMDET_CKPT_NAMES[0]} under "
+                "$RTDMD_REWARD_CKPT_PATH"
             )
         self._inference = inference_detector
         self.model = init_detector(config, ckpt, device=str(resolve_device(device)))
