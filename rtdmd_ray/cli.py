@@ -8,7 +8,9 @@ import sys
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML config file (see configs/)")
-    p.add_argument("overrides", nargs="*", help="dot-notation overrides, e.g. train.seed=3 rewards.weights.clipscore=1.0")
+    p.add_argument(
+        "overrides", nargs="*", help="dot-notation overrides, e.g. train.seed=3 rewards.weights.clipscore=1.0"
+    )
 
 
 def _load(args: argparse.Namespace):
@@ -33,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="verb", required=True)
     _add_config_args(sub.add_parser("validate", help="load + validate a config; exit 0 if valid"))
     _add_config_args(sub.add_parser("print-config", help="print the fully resolved config as YAML"))
-    sub.add_parser("shapes", help="ShapeWorld: render, train-teacher, train-clip, eval (see `rtdmd-ray shapes -h`)")
+    sub.add_parser("shapes", help="ShapeWorld: train-teacher, train-clip, eval, ... (`rtdmd-ray shapes -h`)")
     qs = sub.add_parser("quickstart", help="the embedded default: ShapeWorld end to end on this machine")
     qs.add_argument("--out", default="outputs/quickstart")
     args = parser.parse_args(argv)

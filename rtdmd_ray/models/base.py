@@ -32,11 +32,14 @@ class Conditioning:
     def index(self, idx: torch.Tensor | slice | list[int]) -> Conditioning:
         return Conditioning({k: v[idx] for k, v in self.tensors.items()})
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Conditioning:
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> Conditioning:
         out = {}
         for k, v in self.tensors.items():
             # only floating tensors change dtype (ids/masks keep theirs)
-            out[k] = v.to(device=device, dtype=dtype if (dtype is not None and v.is_floating_point()) else None)
+            cast = dtype if (dtype is not None and v.is_floating_point()) else None
+            out[k] = v.to(device=device, dtype=cast)
         return Conditioning(out)
 
     def repeat(self, n: int) -> Conditioning:
