@@ -1,0 +1,328 @@
+"""The learner role: ``Learner`` (one rank, a Ray actor), ``LearnerGroup`` (the ranks, one process group) and
+``run_cold_start`` (the Stage 1 driver loop).
+
+``Learner`` is a plain class; ``groups.create_learner_group`` wraps it with ``ray.remote`` and applies
+``resources.learner`` (count, CPUs/GPUs per rank), then makes the actors ranks of one torch.distributed group
+(gloo on CPU, NCCL on GPU). Every RPC is a verb that all ranks run together (``run_cold_start``,
+``save_checkpoint``, ``load_checkpoint``, ``evaluate``); ``LearnerGroup`` fans each out and gathers once.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rtdmd_ray import checkpoint as ckpt
+from rtdmd_ray.config import (
+    ACDMDConfig,
+    Config,
+    ConfigError,
+    DataConfig,
+    DMDConfig,
+    EvalConfig,
+    ModelConfig,
+    RewardsConfig,
+    SamplingConfig,
+    SolversConfig,
+    TrainConfig,
+    dump_yaml,
+    resolve_path,
+    to_dict,
+)
+
+CALL_TIMEOUT_S = 3600.0  # one chunk of iterations or one eval; raise for very large models
+
+
+class Learner:
+    """One learner rank: its ``LearnerState`` plus the stage's per-rank loop.
+
+    Args:
+        model, sampling, dmd, ac_dmd, solver, train, data, eval_cfg, rewards: config slices.
+        parallelism: ``resources.learner_parallelism`` ("ddp" | "fsdp2").
+        rank, world_size: position in the learner group.
+        threads: intra-op CPU threads (the rank's ``cpus_per_actor``; fixed, so runs are reproducible).
+    """
+
+    def __init__(self, *, model: ModelConfig, sampling: SamplingConfig, dmd: DMDConfig, ac_dmd: ACDMDConfig,
+                 solver: SolversConfig, train: TrainConfig, data: DataConfig, eval_cfg: EvalConfig,
+                 rewards: RewardsConfig, parallelism: str, rank: int, world_size: int, threads: int = 1):
+        torch.set_num_threads(max(1, threads))
+        self.model, self.sampling, self.dmd, self.ac_dmd = model, sampling, dmd, ac_dmd
+        self.solver, self.train, self.data, self.eval_cfg, self.rewards = solver, train, data, eval_cfg, rewards
+        self.parallelism, self.rank, self.world_size = parallelism, rank, world_size
+        self.state: Any = None
+        self.iteration_fn: Any = None
+        self.eval_hook: Any = None
+
+    def setup(self) -> dict[str, Any]:
+        """Build the rank state (after the process group exists); returns parameter counts."""
+        from rtdmd_ray.cold_start import ColdStartIteration, PromptStream, training_prompt_records
+        from rtdmd_ray.learner_state import LearnerState, to_local
+
+        device = "cuda" if _has_gpu() else "cpu"
+        self.state = LearnerState(model=self.model, solver=self.solver, train=self.train,
+                                  parallelism=self.parallelism, rank=self.rank, world_size=self.world_size,
+                                  device=device)
+        prompts = PromptStream(training_prompt_records(self.data), prompts_per_step=self.dmd.prompts_per_step,
+                               seed=self.train.seed)
+        self.iteration_fn = ColdStartIteration(state=self.state, sampling=self.sampling, dmd=self.dmd,
+                                               ac_dmd=self.ac_dmd, train=self.train, prompts=prompts,
+                                               resolution_px=self.model.resolution_px)
+        t = self.state.transformer
+        return {
+            "trainable_params": {r: sum(to_local(p).numel() for p in o.params)
+                                 for r, o in self.state.optimizers.items()},
+            "frozen_params": sum(to_local(p).numel() for p in t.parameters() if not p.requires_grad),
+            "device": device,
+            "sigmas": self.iteration_fn.sigmas,
+        }
+
+    # ------------------------------------------------------------------ training
+    def run_cold_start(self, start_iteration: int, num_iterations: int) -> list[dict[str, float]]:
+        """Run iterations ``start_iteration .. start_iteration + num_iterations - 1``; per-iteration metrics."""
+        out = []
+        for it in range(start_iteration, start_iteration + num_iterations):
+            t0 = time.perf_counter()
+            m = self.iteration_fn.run(it)
+            m["timing/iteration_s"] = time.perf_counter() - t0
+            out.append(m)
+        return out
+
+    def evaluate(self, image_path: str | None = None) -> dict[str, float]:
+        """Eval metrics of the current (EMA) generator, identical on every rank."""
+        if self.eval_hook is None:
+            from rtdmd_ray.eval_hooks import EvalHook
+
+            self.eval_hook = EvalHook(state=self.state, eval_cfg=self.eval_cfg, sampling=self.sampling,
+                                      data=self.data, rewards=self.rewards, resolution_px=self.model.resolution_px)
+        t0 = time.perf_counter()
+        metrics = self.eval_hook.run(Path(image_path) if image_path else None)
+        metrics["timing/eval_s"] = time.perf_counter() - t0
+        return metrics
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, output_dir: str, keep_last: int) -> str:
+        """Every rank writes its part into ``checkpoint-<it>.tmp``; rank 0 adds the full LoRAs and finalises."""
+        from rtdmd_ray.learner_state import ROLES
+        from rtdmd_ray.models.lora import save_lora, save_peft_dir
+
+        s = self.state
+        it = s.iteration
+        tmp = ckpt.tmp_dir(output_dir, it)
+        if self.rank == 0 and tmp.exists():
+            shutil.rmtree(tmp)  # a stale partial save of this iteration
+        s.dist.barrier()
+        ckpt.save_rank_part(tmp, self.rank, s.local_tensors(), s.aux_state())
+        # full tensors are collectives under fsdp2: every rank gathers, rank 0 writes
+        loras = {role: s.full_lora(role) for role in ROLES}
+        ema = s.full_lora("generator", ema=True) if s.ema is not None else None
+        s.dist.barrier()
+        final = ckpt.tmp_dir(output_dir, it).with_name(ckpt.checkpoint_name(it))
+        if self.rank == 0:
+            lora_cfg = {role: getattr(self.model, f"{role}_lora") for role in ROLES}
+            for role, tensors in loras.items():
+                save_lora(tmp / f"{role}.safetensors", tensors, rank=lora_cfg[role].rank,
+                          alpha=lora_cfg[role].alpha, target_modules=self.model.lora_targets(role),
+                          family=s.backbone.family)
+            export = ema if ema is not None else loras["generator"]
+            gl = lora_cfg["generator"]
+            if ema is not None:
+                save_lora(tmp / "generator_ema.safetensors", ema, rank=gl.rank, alpha=gl.alpha,
+                          target_modules=self.model.lora_targets("generator"), family=s.backbone.family)
+            save_peft_dir(tmp / "transformer", export, rank=gl.rank, alpha=gl.alpha,
+                          target_modules=list(self.model.lora_targets("generator")), init=gl.init)
+            meta = {"world_size": self.world_size, "parallelism": self.parallelism, "stage": "cold_start",
+                    "backbone": self.model.backbone, "seed": self.train.seed,
+                    "fake_updates": s.optimizers["fake_score"].steps,
+                    "generator_updates": s.optimizers["generator"].steps,
+                    "prompts_consumed": it * self.dmd.prompts_per_step}
+            ckpt.finalize(tmp, it, meta, keep_last)
+        s.dist.barrier()
+        return str(final)
+
+    def load_checkpoint(self, path: str) -> int:
+        """Restore this rank from a complete checkpoint; returns the iteration to continue from."""
+        meta = ckpt.read_meta(path)
+        if meta.get("stage") != "cold_start":
+            raise ValueError(f"{path} is a {meta.get('stage')} checkpoint, not a cold-start one")
+        tensors, aux = ckpt.load_rank_part(Path(path), self.rank)
+        self.state.load_state(tensors, aux)
+        return self.state.iteration
+
+    # ------------------------------------------------------------------ inspection (tests, weight sync)
+    def lora(self, role: str, ema: bool = False) -> dict[str, torch.Tensor]:
+        """Full published-format LoRA tensors of ``role`` (collective under fsdp2)."""
+        return self.state.full_lora(role, ema=ema)
+
+    def frozen_checksum(self) -> float:
+        """Sum of |w| over frozen parameters (the base, teacher): must never change during training."""
+        from rtdmd_ray.learner_state import to_local
+
+        with torch.no_grad():
+            return float(sum(to_local(p).double().abs().sum() for p in self.state.transformer.parameters()
+                             if not p.requires_grad))
+
+    def update_counts(self) -> dict[str, int]:
+        return {role: o.steps for role, o in self.state.optimizers.items()}
+
+
+def _has_gpu() -> bool:
+    return bool(os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()) and torch.cuda.device_count() > 0
+
+
+class LearnerGroup:
+    """The learner ranks of one run, created through ``groups.create_learner_group`` from ``cfg.resources``.
+
+    Built from the whole config because it is the one place that maps config sections onto rank actors.
+    """
+
+    def __init__(self, cfg: Config, *, timeout_s: float = CALL_TIMEOUT_S):
+        from rtdmd_ray.groups import RoleResources, create_learner_group
+
+        r = cfg.resources.learner
+        res = RoleResources(count=r.count, cpus_per_actor=r.cpus_per_actor, gpus_per_actor=r.gpus_per_actor,
+                            max_restarts=r.max_restarts, max_task_retries=r.max_task_retries)
+        threads = max(1, int(r.cpus_per_actor))
+
+        def kwargs(rank: int) -> dict[str, Any]:
+            return {"model": cfg.model, "sampling": cfg.sampling, "dmd": cfg.dmd, "ac_dmd": cfg.ac_dmd,
+                    "solver": cfg.solver, "train": cfg.train, "data": cfg.data, "eval_cfg": cfg.eval,
+                    "rewards": cfg.rewards, "parallelism": cfg.resources.learner_parallelism, "rank": rank,
+                    "world_size": r.count, "threads": threads}
+
+        self.timeout_s = timeout_s
+        self.group, self.dist_info = create_learner_group(Learner, res, init_kwargs=kwargs, strategy=r.placement,
+                                                          timeout_s=min(timeout_s, 300.0))
+        try:
+            self.info = self.group.map(lambda a: a.setup.remote(), timeout_s=timeout_s, what="learner setup")[0]
+        except BaseException:
+            self.group.shutdown()
+            raise
+
+    def run_cold_start(self, start_iteration: int, num_iterations: int) -> list[dict[str, float]]:
+        """Rank 0's per-iteration metrics (already rank-averaged)."""
+        return self.group.map(lambda a: a.run_cold_start.remote(start_iteration, num_iterations),
+                              timeout_s=self.timeout_s, what="cold-start iterations")[0]
+
+    def evaluate(self, image_path: str | None = None) -> dict[str, float]:
+        return self.group.map(lambda a: a.evaluate.remote(image_path), timeout_s=self.timeout_s,
+                              what="eval")[0]
+
+    def save_checkpoint(self, output_dir: str, keep_last: int) -> str:
+        return self.group.map(lambda a: a.save_checkpoint.remote(output_dir, keep_last),
+                              timeout_s=self.timeout_s, what="save checkpoint")[0]
+
+    def load_checkpoint(self, path: str) -> int:
+        its = self.group.map(lambda a: a.load_checkpoint.remote(path), timeout_s=self.timeout_s,
+                             what="load checkpoint")
+        if len(set(its)) != 1:
+            raise RuntimeError(f"learner ranks resumed at different iterations {its} from {path}")
+        return its[0]
+
+    def call(self, method: str, *args: Any) -> list[Any]:
+        """Every rank's result of ``method(*args)`` (inspection helpers: lora, frozen_checksum, ...)."""
+        return self.group.map(lambda a: getattr(a, method).remote(*args), timeout_s=self.timeout_s, what=method)
+
+    def shutdown(self) -> None:
+        self.group.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def check_cold_start_config(cfg: Config) -> Config:
+    """Validate before any actor starts (the numbers are in the message); returns the config."""
+    if cfg.stage != "cold_start":
+        raise ConfigError(f"stage={cfg.stage!r}: rtdmd-ray cold-start needs stage: cold_start "
+                          "(set it in the YAML or pass stage=cold_start)")
+    cfg.validate()
+    return cfg
+
+
+def _next_boundary(it: int, total: int, *intervals: int) -> int:
+    """The smallest iteration > ``it`` that is a multiple of one of ``intervals``, capped at ``total``."""
+    nxt = total
+    for n in intervals:
+        if n > 0:
+            nxt = min(nxt, (it // n + 1) * n)
+    return nxt
+
+
+def run_cold_start(cfg: Config, *, ray_address: str | None = None) -> dict[str, Any]:
+    """Stage 1 end to end: validate, start the learner group, resume, train, eval, checkpoint, export.
+
+    Args:
+        cfg: a ``stage: cold_start`` config.
+        ray_address: Ray cluster to join when Ray is not initialised yet (default ``$RAY_ADDRESS``, else a
+            private local cluster sized to this machine).
+
+    Returns:
+        ``{"output_dir", "iteration", "checkpoint", "final_lora", "metrics": last training metrics,
+        "eval": last eval metrics}``.
+    """
+    import ray
+
+    from rtdmd_ray.logging_utils import MetricsLogger
+
+    check_cold_start_config(cfg)
+    t, out = cfg.train, resolve_path(cfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    resume_from = ckpt.resolve_resume(t.resume, out)
+    (out / "config.yaml").write_text(dump_yaml(cfg, comments=False))
+    if not ray.is_initialized():
+        address = ray_address or os.environ.get("RAY_ADDRESS") or "local"
+        need = cfg.resources.learner.count * cfg.resources.learner.cpus_per_actor
+        ray.init(address=address, include_dashboard=False, log_to_driver=True,
+                 **({"num_cpus": max(math.ceil(need), os.cpu_count() or 1)} if address == "local" else {}))
+
+    logger = None
+    group = LearnerGroup(cfg)
+    try:
+        start = group.load_checkpoint(str(resume_from)) if resume_from else 0
+        logger = MetricsLogger(cfg=cfg.logging, output_dir=out, total_iterations=t.iterations,
+                               start_iteration=start, run_config=to_dict(cfg))
+        logger.write(f"cold-start: {cfg.summary()}")
+        logger.write(f"learner: {group.info} ({'resumed from ' + str(resume_from) if resume_from else 'fresh'})")
+        it, last_metrics, last_eval, last_ckpt = start, {}, {}, None
+        eval_every = cfg.eval.every_iterations if cfg.eval.enabled else 0
+        evaluated_at = -1
+        while True:
+            if eval_every and it % eval_every == 0 and evaluated_at != it:
+                last_eval = group.evaluate(str(out / "eval" / f"iteration_{it:08d}.png"))
+                evaluated_at = it
+                logger.log(it, last_eval)
+            if it >= t.iterations:
+                break
+            stop = _next_boundary(it, t.iterations, t.log_every_iterations, t.save_every_iterations, eval_every)
+            chunk = group.run_cold_start(it, stop - it)
+            for j, m in enumerate(chunk):
+                if (it + j + 1) % t.log_every_iterations == 0 or it + j + 1 == stop:
+                    logger.log(it + j + 1, m, echo=(it + j + 1) % t.log_every_iterations == 0)
+            last_metrics = chunk[-1]
+            logger.advance(stop - it, last_metrics)
+            it = stop
+            if it % t.save_every_iterations == 0 or it == t.iterations:
+                last_ckpt = group.save_checkpoint(str(out), t.keep_last_checkpoints)
+        if eval_every and evaluated_at != it:
+            last_eval = group.evaluate(str(out / "eval" / f"iteration_{it:08d}.png"))
+            logger.log(it, last_eval)
+        if last_ckpt is None and resume_from is not None:
+            last_ckpt = str(resume_from)
+        final_lora = None
+        if last_ckpt is not None:
+            final_lora = out / "final"
+            if final_lora.exists():
+                shutil.rmtree(final_lora)
+            shutil.copytree(Path(last_ckpt) / "transformer", final_lora)
+            logger.write(f"final generator LoRA ({'EMA' if cfg.train.ema.enabled else 'live'}): {final_lora}")
+        return {"output_dir": str(out), "iteration": it, "checkpoint": last_ckpt,
+                "final_lora": str(final_lora) if final_lora else None, "metrics": last_metrics,
+                "eval": last_eval}
+    finally:
+        if logger is not None:
+            logger.close()
+        group.shutdown()
