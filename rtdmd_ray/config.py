@@ -626,6 +626,9 @@ class EvalConfig:
         dataset_map: per-reward prompt files {reward: prompt file}, relative to data.dataset_dir.
         num_prompts: cap on prompts per prompt file (0 = all); ShapeWorld: captions generated.
         log_images: images logged per eval.
+        rows: model rows `rtdmd-ray eval` compares on the same prompts and seeds {row name: overrides of
+            this config}, e.g. teacher-50: [eval.mode=teacher, eval.num_steps=50, "inference.lora_paths=[]"];
+            empty = one row, the config as given.
     """
 
     enabled: bool = True
@@ -642,6 +645,7 @@ class EvalConfig:
     dataset_map: dict[str, str] = field(default_factory=FrozenDict)
     num_prompts: int = 0
     log_images: int = 8
+    rows: dict[str, tuple[str, ...]] = field(default_factory=FrozenDict)
 
 
 @dataclass(frozen=True)
