@@ -1,0 +1,787 @@
+"""`rtdmd-ray eval`: generate the eval prompt sets with every model row on Ray eval workers, score them, write
+``metadata.json`` and the HTML report (spec rewards-inference.md §3.4, §5; the fixes of §8.3).
+
+Layout under the output dir (``train.output_dir`` unless ``--out``)::
+
+    metadata.json            every row: settings, scores (overall, per dataset, per tag), one record per image
+    report.html              image grid of the rows on the same prompts and seeds, reward bars, per-tag table
+    <row>/images/<set>_<index:06d>.png   PNG text chunks: prompt, rtdmd_seed, rtdmd_config_hash
+    <row>/records.jsonl      scores as they arrive (resume reads them)
+
+* Prompt sets: ShapeWorld (``data.kind: shapes``) uses ``eval.num_prompts`` test captions balanced over the
+  six tags; otherwise ``eval.dataset_map`` / ``eval.prompt_file`` route each eval reward to a prompt file or
+  directory under ``data.dataset_dir`` (a directory uses the first of ``PROMPT_FILE_ORDER``), each capped at
+  ``eval.num_prompts`` when > 0 (0 = the full set, not the reference's 64-image default).
+* Rows: ``eval.rows`` {name: overrides} (e.g. teacher-50, teacher-4, AC-DMD-4, RTDMD-4), or one row, the
+  config itself. A row whose LoRA files do not exist yet is skipped with a warning and noted in the report.
+* Seeds: image ``i`` of a prompt set has seed ``image_seed(eval.seed, i)`` in every row, whatever the worker
+  count or batch size; batches go to whichever worker is free.
+* Resume: an image whose PNG on disk carries the expected seed and config hash is not generated again; a
+  score recorded for that seed and hash is not computed again.
+* Scores are computed from the PNG pixels (uint8), so a resumed eval and a fresh one agree exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rtdmd_ray.config import Config, ConfigError, apply_overrides, resolve_path, to_dict
+from rtdmd_ray.inference import (
+    PNG_HASH_KEY,
+    PNG_PROMPT_KEY,
+    PNG_SEED_KEY,
+    config_hash,
+    image_seed,
+    png_info,
+)
+
+logger = logging.getLogger(__name__)
+
+SENTINEL = -10.0
+# §3.4: the file a prompt-set directory resolves to, first match wins
+PROMPT_FILE_ORDER = (
+    "test.txt",
+    "test.jsonl",
+    "test_metadata.jsonl",
+    "prompts.json",
+    "prompts.txt",
+    "metadata.jsonl",
+)
+SHAPES_DATASET = "shapes_test"
+# a row may change the model and the sampler, never the prompts, seeds or rewards: rows compare like with like
+ROW_OVERRIDE_PREFIXES = (
+    "model.",
+    "sampling.",
+    "inference.",
+    "train.seed",
+    "eval.mode",
+    "eval.num_steps",
+    "eval.noise_level",
+    "eval.guidance_scale",
+    "eval.batch_images",
+)
+DEFAULT_ROW = "model"
+LOAD_TIMEOUT_S = 3600.0
+BATCH_TIMEOUT_S = 3600.0
+METADATA_FILE = "metadata.json"
+
+
+# --------------------------------------------------------------------------------------- prompt sets
+def read_prompt_file(path: str | Path) -> list[dict[str, Any]]:
+    """Prompt records ``[{"prompt": str, ...metadata}]`` of a prompt file or directory (spec §3.4).
+
+    A directory resolves to its first file in ``PROMPT_FILE_ORDER``. ``.json``: a list of strings or of dicts
+    with "prompt" (or "text"); ``.jsonl``: one dict (its fields are the metadata) or string per line;
+    ``.txt``/``.text``: one prompt per non-blank line, stripped.
+    """
+    p = Path(path)
+    if p.is_dir():
+        found = next((p / n for n in PROMPT_FILE_ORDER if (p / n).is_file()), None)
+        if found is None:
+            raise FileNotFoundError(
+                f"prompt directory {p} has none of {list(PROMPT_FILE_ORDER)} "
+                "(config eval.prompt_file / eval.dataset_map, relative to data.dataset_dir)"
+            )
+        p = found
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"prompt file {p} not found (config eval.prompt_file / eval.dataset_map, relative "
+            "to data.dataset_dir; the repo ships copies under data/prompts)"
+        )
+
+    def record(value: Any, where: str) -> dict[str, Any]:
+        if isinstance(value, str):
+            return {"prompt": value}
+        if isinstance(value, dict) and isinstance(value.get("prompt", value.get("text")), str):
+            return {**value, "prompt": value.get("prompt", value.get("text"))}
+        raise ValueError(f"{where}: expected a prompt string or an object with 'prompt' (or 'text')")
+
+    suffix = p.suffix.lower()
+    if suffix == ".json":
+        data = json.loads(p.read_text())
+        if not isinstance(data, list) or not data:
+            raise ValueError(f"{p}: a .json prompt file must hold a non-empty list")
+        return [record(v, f"{p} item {i}") for i, v in enumerate(data)]
+    if suffix == ".jsonl":
+        return [
+            record(json.loads(line), f"{p} line {i + 1}")
+            for i, line in enumerate(p.read_text().splitlines())
+            if line.strip()
+        ]
+    if suffix in (".txt", ".text"):
+        return [{"prompt": line.strip()} for line in p.read_text().splitlines() if line.strip()]
+    raise ValueError(f"{p}: unsupported prompt file type {suffix!r} (use .txt, .jsonl or .json)")
+
+
+def dataset_token(name: str) -> str:
+    """File-name token of a prompt set: extension dropped, "/" and " " -> "_", other odd characters -> "_"."""
+    stem = re.sub(r"\.(txt|text|jsonl|json)$", "", name.strip())
+    tok = re.sub(r"[^A-Za-z0-9._-]", "_", stem.replace("/", "_").replace(" ", "_")).strip("._")
+    return tok or "default"
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """One eval prompt set and the rewards scored on it.
+
+    Attributes:
+        name: the dataset key (a prompt-file path relative to data.dataset_dir, or "shapes_test" / "inline").
+        token: file-name token of its images.
+        records: prompt records (GenEval-style metadata where the file has it).
+        rewards: eval reward names routed to this set.
+    """
+
+    name: str
+    token: str
+    records: tuple[dict[str, Any], ...]
+    rewards: tuple[str, ...]
+
+    def file_name(self, index: int) -> str:
+        return f"{self.token}_{index:06d}.png"
+
+
+def eval_prompt_sets(cfg: Config) -> list[PromptSet]:
+    """The prompt sets of ``cfg`` in routing order, each capped at ``eval.num_prompts`` (0 = all)."""
+    e, names = cfg.eval, list(cfg.eval.reward_weights)
+    if cfg.data.kind == "shapes":
+        from rtdmd_ray.shapes.prompts import TAGS, balanced_eval_prompts, test_prompts
+
+        n = e.num_prompts or 600
+        recs = balanced_eval_prompts(test_prompts(0), max(1, n // len(TAGS)), e.seed)
+        return [PromptSet(SHAPES_DATASET, SHAPES_DATASET, tuple(recs), tuple(names))]
+    from rtdmd_ray.rewards.multi import route_rewards_to_datasets
+
+    cap = e.num_prompts or None
+    if cfg.data.kind == "inline" and not e.prompt_file and not e.dataset_map:
+        recs = tuple({"prompt": p} for p in cfg.data.prompts[:cap])
+        return [PromptSet("inline", "inline", recs, tuple(names))]
+    base = resolve_path(cfg.data.dataset_dir)
+    sets, tokens = [], set()
+    for ds, rewards in route_rewards_to_datasets(names, e.dataset_map, e.prompt_file).items():
+        recs = read_prompt_file(resolve_path(ds, base))[:cap]
+        token = dataset_token(ds)
+        while token in tokens:
+            token += "_"
+        tokens.add(token)
+        sets.append(PromptSet(ds, token, tuple(recs), tuple(rewards)))
+    return sets
+
+
+def grid_selection(sets: Sequence[PromptSet], count: int) -> list[tuple[int, int]]:
+    """``count`` (set position, prompt index) pairs evenly spaced over all prompts, for the report grid."""
+    flat = [(si, i) for si, s in enumerate(sets) for i in range(len(s.records))]
+    if count <= 0 or not flat:
+        return []
+    if count >= len(flat):
+        return flat
+    return [flat[math.floor(k * len(flat) / count)] for k in range(count)]
+
+
+# --------------------------------------------------------------------------------------- rows
+@dataclass
+class Row:
+    """One model row: a name, its overrides, the resolved config, and why it is skipped (None = runs)."""
+
+    name: str
+    overrides: tuple[str, ...]
+    cfg: Config
+    config_hash: str
+    skipped: str | None = None
+
+    @property
+    def dirname(self) -> str:
+        return re.sub(r"[^A-Za-z0-9._-]", "_", self.name) or "row"
+
+
+def build_rows(cfg: Config) -> list[Row]:
+    """The rows of ``eval.rows`` (or the config itself as row "model"), validated before anything runs.
+
+    Raises:
+        ConfigError: a row overrides a key outside ``ROW_OVERRIDE_PREFIXES`` or an override is invalid.
+        FileNotFoundError: the single implicit row's LoRA files are missing (explicit rows are skipped).
+    """
+    specs: Mapping[str, Sequence[str]] = cfg.eval.rows or {DEFAULT_ROW: ()}
+    rows, dirnames = [], set()
+    for name, overrides in specs.items():
+        for ov in overrides:
+            key = ov.split("=", 1)[0].strip()
+            if not any(key == p.rstrip(".") or key.startswith(p) for p in ROW_OVERRIDE_PREFIXES):
+                raise ConfigError(
+                    f"eval.rows.{name}: override '{ov}' changes '{key}', which rows must share (prompts, "
+                    f"seeds, rewards, resources); a row may only set keys under "
+                    f"{', '.join(ROW_OVERRIDE_PREFIXES)}"
+                )
+        try:
+            row_cfg = apply_overrides(cfg, list(overrides))
+        except ConfigError as exc:
+            raise ConfigError(f"eval.rows.{name}: {exc}") from None
+        missing = [p for p in row_cfg.inference.lora_paths if not resolve_path(p).exists()]
+        if missing and not cfg.eval.rows:
+            raise FileNotFoundError(
+                f"LoRA file(s) {missing} not found (config inference.lora_paths, relative to the repo root): "
+                "train them first, or evaluate the base model with inference.lora_paths=[]"
+            )
+        row = Row(
+            name=name,
+            overrides=tuple(overrides),
+            cfg=row_cfg,
+            config_hash=config_hash(row_cfg),
+            skipped=f"LoRA file(s) not found: {', '.join(missing)}" if missing else None,
+        )
+        if row.dirname in dirnames:
+            raise ConfigError(
+                f"eval.rows: row names {name!r} and another map to the same directory "
+                f"{row.dirname!r}; rename one"
+            )
+        dirnames.add(row.dirname)
+        rows.append(row)
+    if all(r.skipped for r in rows):
+        raise FileNotFoundError(
+            "every eval row is missing LoRA files: " + "; ".join(f"{r.name}: {r.skipped}" for r in rows)
+        )
+    return rows
+
+
+# --------------------------------------------------------------------------------------- the worker
+class EvalWorker:
+    """A Ray eval worker: loads a row's model (the base once, LoRA stacks merged and undone per row),
+    generates PNGs for (prompt, seed) batches, and scores images with the eval rewards (scorers built on
+    first use).
+
+    Args:
+        cfg: the eval config (its ``rewards`` section sets the scorers' device, checkpoints and options).
+        threads: torch CPU threads (None: leave torch's default).
+    """
+
+    def __init__(self, *, cfg: Config, threads: int | None = None) -> None:
+        import torch
+
+        from rtdmd_ray.inference import BaseWeights
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.cfg = cfg
+        self.base = BaseWeights()
+        self.pipe: Any = None
+        self.row_hash = ""
+        self.scorers: dict[str, Any] = {}
+
+    def load(self, row_cfg: Config, row_hash: str) -> dict[str, Any]:
+        """Load ``row_cfg``'s model (LoRA stack merged); returns its description."""
+        from rtdmd_ray.inference import InferencePipeline
+
+        self.pipe = InferencePipeline.from_config(row_cfg, base=self.base)
+        self.row_hash = row_hash
+        return self.pipe.describe()
+
+    def generate(self, prompts: list[str], seeds: list[int]) -> tuple[list[bytes], float]:
+        """PNG bytes (with prompt / seed / config hash text chunks) for each prompt, and the seconds taken."""
+        from rtdmd_ray.inference import encode_png, to_uint8
+
+        if self.pipe is None:
+            raise RuntimeError("EvalWorker.generate before load()")
+        t0 = time.perf_counter()
+        images = to_uint8(self.pipe.generate(prompts, seeds))
+        pngs = [
+            encode_png(im, {PNG_PROMPT_KEY: p, PNG_SEED_KEY: str(s), PNG_HASH_KEY: self.row_hash})
+            for im, p, s in zip(images, prompts, seeds, strict=True)
+        ]
+        return pngs, time.perf_counter() - t0
+
+    def _scorer(self, name: str) -> Any:
+        if name not in self.scorers:
+            from rtdmd_ray.rewards import build_scorer
+
+            r = self.cfg.rewards
+            device = r.device_for(name)
+            if device == "auto":
+                from rtdmd_ray.inference import default_device
+
+                device = default_device().type
+            opts = {
+                k: (
+                    str(resolve_path(v))
+                    if k == "model" and isinstance(v, str) and resolve_path(v).exists()
+                    else v
+                )
+                for k, v in dict(r.options.get(name, {})).items()
+            }
+            self.scorers[name] = build_scorer(name, ckpt_dir=r.ckpt_dir or None, device=device, **opts)
+        return self.scorers[name]
+
+    def score(
+        self, pngs: list[bytes], prompts: list[str], metadata: list[dict[str, Any]], rewards: list[str]
+    ) -> tuple[dict[str, dict[str, list[float]]], float]:
+        """``{reward: {key: [B] floats}}`` for the decoded PNGs, and the seconds taken."""
+        import io
+
+        from PIL import Image
+
+        from rtdmd_ray.inference import from_uint8
+        from rtdmd_ray.rewards._common import chunks
+
+        t0 = time.perf_counter()
+        arrays = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in pngs]
+        images = from_uint8(arrays)
+        out: dict[str, dict[str, list[float]]] = {}
+        for name in rewards:
+            scorer = self._scorer(name)
+            parts: dict[str, list[float]] = {}
+            for sl in chunks(len(prompts), self.cfg.rewards.batch_images.get(name)):
+                res = scorer(images[sl], prompts[sl], metadata[sl])
+                if name not in res:
+                    raise KeyError(f"scorer {name!r} returned keys {sorted(res)} without its own name")
+                for k, v in res.items():
+                    parts.setdefault(k, []).extend(
+                        float(x) for x in np.asarray(v, dtype=np.float64).reshape(-1)
+                    )
+            out[name] = parts
+        return out, time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------------------- scheduling
+def run_queue(
+    workers: Sequence[Any],
+    jobs: Iterable[Any],
+    submit: Callable[[Any, Any], Any],
+    on_result: Callable[[Any, Any], None],
+    *,
+    what: str,
+    in_flight_per_worker: int = 2,
+    timeout_s: float = BATCH_TIMEOUT_S,
+) -> None:
+    """Give each free worker the next job (``submit(worker, job) -> ObjectRef``) and hand every result to
+    ``on_result(job, result)`` as it arrives. Two jobs per worker are in flight, so none waits for the
+    driver."""
+    import ray
+
+    it = iter(jobs)
+    pending: dict[Any, tuple[Any, Any]] = {}
+
+    def push(w: Any) -> None:
+        job = next(it, None)
+        if job is not None:
+            pending[submit(w, job)] = (w, job)
+
+    for _ in range(in_flight_per_worker):
+        for w in workers:
+            push(w)
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1, timeout=timeout_s)
+        if not done:
+            raise TimeoutError(
+                f"{what}: no batch finished within {timeout_s:.0f} s ({len(pending)} in flight); "
+                "check the eval workers' logs"
+            )
+        w, job = pending.pop(done[0])
+        on_result(job, ray.get(done[0]))
+        push(w)
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True, leave=True)
+
+
+def _chunked(items: Sequence[Any], size: int) -> list[list[Any]]:
+    return [list(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+# --------------------------------------------------------------------------------------- records
+@dataclass
+class RowState:
+    """What the driver knows about one row's images and scores while the eval runs."""
+
+    row: Row
+    dir: Path
+    # file -> {reward: {key: value}}, only for records whose seed and hash match
+    scores: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    generate_s: float = 0.0
+    score_s: float = 0.0
+    generated: int = 0
+    scored: int = 0
+
+    @property
+    def records_path(self) -> Path:
+        return self.dir / "records.jsonl"
+
+
+def _load_records(state: RowState, expected: Mapping[str, int]) -> None:
+    """Read ``records.jsonl``; keep scores whose file, seed and config hash match the current plan."""
+    if not state.records_path.exists():
+        return
+    for line in state.records_path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by an interrupted run
+        f = rec.get("file")
+        if (
+            f in expected
+            and rec.get("seed") == expected[f]
+            and rec.get("config_hash") == state.row.config_hash
+        ):
+            state.scores.setdefault(f, {})[rec["reward"]] = rec["scores"]
+
+
+def _per_image_scores(by_reward: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """One image's scores, flat: each reward's keys, sentinel entries dropped, clashes "{reward}_{key}"."""
+    out: dict[str, float] = {}
+    for name, keys in by_reward.items():
+        for k, v in keys.items():
+            if v == SENTINEL:
+                continue
+            out[k if k == name or k not in out else f"{name}_{k}"] = v
+    return out
+
+
+def _tags_of(keys: Iterable[str]) -> list[str]:
+    ks = set(keys)
+    return sorted(
+        k[: -len("_strict_accuracy")]
+        for k in ks
+        if k.endswith("_strict_accuracy")
+        and k != "strict_accuracy"
+        and f"{k[: -len('_strict_accuracy')]}_accuracy" in ks
+    )
+
+
+def summarize_row(state: RowState, sets: Sequence[PromptSet], weights: Mapping[str, float]) -> dict[str, Any]:
+    """Scores of one row: ``scores`` (overall, with the weighted ``mean``), ``per_dataset``, ``per_tag``
+    (GenEval-style rewards: lenient and strict accuracy per tag, and ``overall`` = the mean over tags, as the
+    official GenEval reports it), and ``records``."""
+    from rtdmd_ray.rewards.multi import combine_eval_means, reduce_scores
+
+    per_reward: dict[str, dict[str, float]] = {}
+    per_dataset: dict[str, dict[str, float]] = {}
+    per_tag: dict[str, dict[str, dict[str, float]]] = {}
+    records = []
+    for s in sets:
+        values: dict[str, dict[str, list[float]]] = {r: {} for r in s.rewards}
+        for i, rec in enumerate(s.records):
+            f = s.file_name(i)
+            got = state.scores.get(f, {})
+            for r in s.rewards:
+                for k, v in got.get(r, {}).items():
+                    values[r].setdefault(k, []).append(v)
+            records.append(
+                {
+                    "dataset": s.name,
+                    "index": i,
+                    "prompt": rec["prompt"],
+                    "seed": image_seed(state.row.cfg.eval.seed, i),
+                    "file": f"{state.row.dirname}/images/{f}",
+                    "scores": _per_image_scores(got),
+                }
+            )
+        ds_reward = {r: reduce_scores(values[r]) for r in s.rewards if values[r]}
+        per_reward |= ds_reward
+        per_dataset[s.name] = combine_eval_means(weights, ds_reward)
+        for r, vals in values.items():
+            tags = _tags_of(vals)
+            if not tags:
+                continue
+            red = ds_reward[r]
+            table: dict[str, dict[str, float]] = {}
+            for t in tags:
+                table[t] = {
+                    "accuracy": red.get(f"{t}_accuracy", float("nan")),
+                    "strict_accuracy": red.get(f"{t}_strict_accuracy", float("nan")),
+                    "count": float(sum(v != SENTINEL for v in vals[f"{t}_accuracy"])),
+                }
+            present = [t for t in tags if table[t]["count"] > 0]
+            table["overall"] = {
+                "accuracy": float(np.mean([table[t]["accuracy"] for t in present]))
+                if present
+                else float("nan"),
+                "strict_accuracy": (
+                    float(np.mean([table[t]["strict_accuracy"] for t in present]))
+                    if present
+                    else float("nan")
+                ),
+                "count": float(sum(table[t]["count"] for t in present)),
+            }
+            per_tag[r] = table
+    return {
+        "scores": combine_eval_means(weights, per_reward),
+        "per_dataset": per_dataset,
+        "per_tag": per_tag,
+        "records": records,
+    }
+
+
+# --------------------------------------------------------------------------------------- the eval
+def _start_ray(cfg: Config, address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    r = cfg.resources.eval_worker
+    kwargs: dict[str, Any] = {}
+    if address == "local":
+        kwargs["num_cpus"] = max(math.ceil(r.count * r.cpus_per_actor), os.cpu_count() or 1)
+    ray.init(address=address, include_dashboard=False, log_to_driver=True, **kwargs)
+
+
+def _create_workers(cfg: Config) -> Any:
+    from rtdmd_ray.groups import RoleResources, create_actor_group
+
+    r = cfg.resources.eval_worker
+    res = RoleResources(
+        count=r.count,
+        cpus_per_actor=r.cpus_per_actor,
+        gpus_per_actor=r.gpus_per_actor,
+        max_restarts=r.max_restarts,
+        max_task_retries=r.max_task_retries,
+    )
+    threads = max(1, int(r.cpus_per_actor)) if r.gpus_per_actor == 0 else None
+    group = create_actor_group(
+        EvalWorker,
+        res,
+        role="eval_worker",
+        strategy=r.placement,
+        init_kwargs={"cfg": cfg, "threads": threads},
+    )
+    group.wait_ready(timeout_s=LOAD_TIMEOUT_S)
+    return group
+
+
+def run_eval(
+    cfg: Config,
+    *,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+    ray_address: str | None = None,
+    report: bool = True,
+) -> dict[str, Any]:
+    """Evaluate every row of ``cfg`` (see the module docstring); returns the ``metadata.json`` content.
+
+    Ray starts only when there is something to generate or score (a fully resumed eval only re-aggregates);
+    a cluster started here is left running for the caller's process (``ray.shutdown`` at exit).
+    """
+    rows = build_rows(cfg)
+    sets = eval_prompt_sets(cfg)
+    if not any(s.records for s in sets):
+        raise ValueError(
+            "the eval prompt sets are empty (config eval.prompt_file / eval.dataset_map / eval.num_prompts)"
+        )
+    out = resolve_path(out_dir or cfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    e = cfg.eval
+    expected = {s.file_name(i): image_seed(e.seed, i) for s in sets for i in range(len(s.records))}
+    items = [(s, i) for s in sets for i in range(len(s.records))]
+
+    states: list[RowState] = []
+    todo_gen: dict[str, list[tuple[PromptSet, int]]] = {}
+    todo_score: dict[str, list[tuple[PromptSet, int, tuple[str, ...]]]] = {}
+    for row in rows:
+        st = RowState(row=row, dir=out / row.dirname)
+        states.append(st)
+        if row.skipped:
+            logger.warning("eval row %s skipped: %s", row.name, row.skipped)
+            print(f"eval row {row.name!r} skipped: {row.skipped}")
+            continue
+        (st.dir / "images").mkdir(parents=True, exist_ok=True)
+        _load_records(st, expected)
+        gen = []
+        for s, i in items:
+            info = png_info(st.dir / "images" / s.file_name(i))
+            if (
+                info.get(PNG_SEED_KEY) != str(expected[s.file_name(i)])
+                or info.get(PNG_HASH_KEY) != row.config_hash
+            ):
+                gen.append((s, i))
+                st.scores.pop(s.file_name(i), None)  # a regenerated image needs fresh scores
+        todo_gen[row.name] = gen
+        todo_score[row.name] = [
+            (s, i, tuple(r for r in s.rewards if r not in st.scores.get(s.file_name(i), {})))
+            for s, i in items
+        ]
+        todo_score[row.name] = [t for t in todo_score[row.name] if t[2]]
+
+    group = None
+    if any(todo_gen.values()) or any(todo_score.values()):
+        _start_ray(cfg, ray_address)
+        group = _create_workers(cfg)
+    try:
+        for st in states:
+            if st.row.skipped or group is None:
+                continue
+            _generate_row(group, st, todo_gen[st.row.name], progress)
+            _score_row(group, st, todo_score[st.row.name], progress)
+    finally:
+        if group is not None:
+            group.shutdown()
+
+    metadata = _metadata(cfg, rows, states, sets, out)
+    (out / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str))
+    if report:
+        from rtdmd_ray.report import write_report
+
+        path = write_report(out, metadata)
+        print(f"eval: wrote {out / METADATA_FILE} and {path}")
+    return metadata
+
+
+def _generate_row(group: Any, st: RowState, todo: list[tuple[PromptSet, int]], progress: bool) -> None:
+    if not todo:
+        return
+    row = st.row
+    group.map(
+        lambda a: a.load.remote(row.cfg, row.config_hash),
+        timeout_s=LOAD_TIMEOUT_S,
+        what=f"eval row {row.name}: load model",
+    )
+    seed = row.cfg.eval.seed
+    bar = _progress(len(todo), f"generate {row.name}", progress)
+
+    def submit(w: Any, batch: list[tuple[PromptSet, int]]) -> Any:
+        return w.generate.remote(
+            [s.records[i]["prompt"] for s, i in batch], [image_seed(seed, i) for _, i in batch]
+        )
+
+    def done(batch: list[tuple[PromptSet, int]], result: tuple[list[bytes], float]) -> None:
+        pngs, seconds = result
+        for (s, i), png in zip(batch, pngs, strict=True):
+            path = st.dir / "images" / s.file_name(i)
+            tmp = path.with_suffix(".png.tmp")
+            tmp.write_bytes(png)
+            tmp.replace(path)  # a crash never leaves a half-written PNG that looks complete
+        st.generate_s += seconds
+        st.generated += len(batch)
+        bar.update(len(batch))
+
+    try:
+        run_queue(
+            list(group),
+            _chunked(todo, row.cfg.eval.batch_images),
+            submit,
+            done,
+            what=f"eval row {row.name}: generate",
+        )
+    finally:
+        bar.close()
+
+
+def _score_row(
+    group: Any, st: RowState, todo: list[tuple[PromptSet, int, tuple[str, ...]]], progress: bool
+) -> None:
+    if not todo:
+        return
+    row = st.row
+    bar = _progress(len(todo), f"score {row.name}", progress)
+    # one batch = images of one prompt set needing the same rewards
+    batches: list[list[tuple[PromptSet, int, tuple[str, ...]]]] = []
+    groups: dict[tuple[str, tuple[str, ...]], list[tuple[PromptSet, int, tuple[str, ...]]]] = {}
+    for t in todo:
+        groups.setdefault((t[0].name, t[2]), []).append(t)
+    for g in groups.values():
+        batches.extend(_chunked(g, row.cfg.eval.batch_images))
+    seed = row.cfg.eval.seed
+
+    def submit(w: Any, batch: list[tuple[PromptSet, int, tuple[str, ...]]]) -> Any:
+        pngs = [(st.dir / "images" / s.file_name(i)).read_bytes() for s, i, _ in batch]
+        return w.score.remote(
+            pngs,
+            [s.records[i]["prompt"] for s, i, _ in batch],
+            [dict(s.records[i]) for s, i, _ in batch],
+            list(batch[0][2]),
+        )
+
+    def done(
+        batch: list[tuple[PromptSet, int, tuple[str, ...]]],
+        result: tuple[dict[str, dict[str, list[float]]], float],
+    ) -> None:
+        scores, seconds = result
+        with st.records_path.open("a") as f:
+            for j, (s, i, _) in enumerate(batch):
+                fname = s.file_name(i)
+                for reward, keys in scores.items():
+                    vals = {k: v[j] for k, v in keys.items()}
+                    st.scores.setdefault(fname, {})[reward] = vals
+                    f.write(
+                        json.dumps(
+                            {
+                                "file": fname,
+                                "seed": image_seed(seed, i),
+                                "config_hash": row.config_hash,
+                                "reward": reward,
+                                "scores": vals,
+                            }
+                        )
+                        + "\n"
+                    )
+        st.score_s += seconds
+        st.scored += len(batch)
+        bar.update(len(batch))
+
+    try:
+        run_queue(list(group), batches, submit, done, what=f"eval row {row.name}: score")
+    finally:
+        bar.close()
+
+
+def _metadata(
+    cfg: Config, rows: Sequence[Row], states: Sequence[RowState], sets: Sequence[PromptSet], out: Path
+) -> dict[str, Any]:
+    from rtdmd_ray.inference import SamplerSettings, model_identity
+
+    e = cfg.eval
+    rows_out = []
+    for row, st in zip(rows, states, strict=True):
+        entry: dict[str, Any] = {
+            "name": row.name,
+            "dir": row.dirname,
+            "overrides": list(row.overrides),
+            "config_hash": row.config_hash,
+            "skipped": row.skipped,
+            "sampler": SamplerSettings.from_config(row.cfg).describe(),
+            "model": model_identity(row.cfg),
+            "lora_paths": list(row.cfg.inference.lora_paths),
+        }
+        if not row.skipped:
+            summary = summarize_row(st, sets, e.reward_weights)
+            entry |= {
+                "num_images": len(summary["records"]),
+                "generated_now": st.generated,
+                "scored_now": st.scored,
+                "time_seconds_sum": {"generate": st.generate_s, "score": st.score_s},
+                **summary,
+            }
+        rows_out.append(entry)
+    grid = [
+        {
+            "dataset": sets[si].name,
+            "index": i,
+            "prompt": sets[si].records[i]["prompt"],
+            "seed": image_seed(e.seed, i),
+            "file": sets[si].file_name(i),
+        }
+        for si, i in grid_selection(sets, e.log_images)
+    ]
+    return {
+        "format": "rtdmd-ray-eval/1",
+        "output_dir": str(out),
+        "seed": e.seed,
+        "reward_weights": dict(e.reward_weights),
+        "prompt_sets": [
+            {"name": s.name, "token": s.token, "num_prompts": len(s.records), "rewards": list(s.rewards)}
+            for s in sets
+        ],
+        "grid": grid,
+        "rows": rows_out,
+        "config": to_dict(cfg),
+    }
