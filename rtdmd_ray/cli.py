@@ -38,7 +38,29 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("shapes", help="ShapeWorld: train-teacher, train-clip, eval, ... (`rtdmd-ray shapes -h`)")
     qs = sub.add_parser("quickstart", help="the embedded default: ShapeWorld end to end on this machine")
     qs.add_argument("--out", default="outputs/quickstart")
-    args = parser.parse_args(argv)
+    sp = sub.add_parser("sample", help="write PNGs for --prompt with the config's model, sampler, LoRA stack")
+    _add_config_args(sp)
+    sp.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
+    sp.add_argument("--lora", action="append", default=None,
+                    help="LoRA file/dir merged in order (repeatable); replaces inference.lora_paths; "
+                         "'--lora none' samples the base model")
+    sp.add_argument("--seed", type=int, default=None, help="base seed (default eval.seed)")
+    sp.add_argument("--images-per-prompt", type=int, default=1)
+    sp.add_argument("--out", default=None, help="output dir (default <train.output_dir>/samples)")
+    ev = sub.add_parser("eval", help="generate + score the eval prompt sets on Ray eval workers; "
+                                     "writes metadata.json and report.html")
+    _add_config_args(ev)
+    ev.add_argument("--out", default=None, help="output dir (default train.output_dir)")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ev.add_argument("--prompt", action="append", default=None, help=argparse.SUPPRESS)
+    # overrides may also follow the flags (`sample CFG --prompt x eval.mode=teacher`)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        overrides_only = all("=" in a and not a.startswith("-") for a in extra)
+        if getattr(args, "verb", None) in ("sample", "eval") and overrides_only:
+            args.overrides = list(args.overrides) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
 
     if args.verb == "validate":
         cfg = _load(args)
@@ -53,6 +75,27 @@ def main(argv: list[str] | None = None) -> int:
         from rtdmd_ray.quickstart import run_quickstart
 
         return run_quickstart(out_dir=args.out)
+    if args.verb == "sample":
+        from rtdmd_ray.config import resolve_path
+        from rtdmd_ray.inference import sample_to_dir
+
+        cfg = _load(args)
+        loras = None if args.lora is None else [p for p in args.lora if p.lower() != "none"]
+        out = args.out or str(resolve_path(cfg.train.output_dir) / "samples")
+        paths = sample_to_dir(cfg, args.prompt, out, lora_paths=loras, seed=args.seed,
+                              images_per_prompt=args.images_per_prompt)
+        print(f"sample: wrote {len(paths)} image(s) to {out}")
+        return 0
+    if args.verb == "eval":
+        if args.prompt:
+            parser.error("eval generates the configured prompt sets (eval.prompt_file / eval.dataset_map / "
+                         "data.kind); --prompt is not used there. Use `rtdmd-ray sample CONFIG --prompt ...` "
+                         "for your own prompts, or point eval.prompt_file at a file of them")
+        from rtdmd_ray.evaluate import run_eval
+
+        cfg = _load(args)
+        run_eval(cfg, out_dir=args.out, progress=not args.no_progress)
+        return 0
     parser.error(f"unknown verb {args.verb}")
     return 2
 
