@@ -1,0 +1,192 @@
+"""The RTDMD RL stage, end to end (spec algorithms.md §3.8): read this file first.
+
+One epoch is SAMPLE -> SCORE -> ADVANTAGE + UPDATE -> SYNC WEIGHTS -> LOG / CHECKPOINT, each phase one call
+into a role:
+
+* ``SamplerGroup`` (rollout.py): K-repeat prompt groups, 4-step CPS trajectories with log-probs, SubGRPO
+shared
+  noise, decoded images; every ``RolloutBatch`` carries the policy version that sampled it.
+* ``RewardPool`` (reward.py): each sampler call's images are scored the moment that call finishes, so scoring
+  overlaps sampling.
+* ``RLLearnerGroup`` (rl_step.py): per rank, the fake-score update, the advantages over all ranks, then the
+  generator update (PPO on the selected steps + AC-DMD aux + reward BP), one optimiser step per epoch by
+  default.
+* weight sync (weight_sync.py): the generator LoRA goes to every sampler as policy version ``epoch + 1``.
+
+On-policy by default: epoch ``e`` is sampled with version ``e`` (the weights after ``e`` updates), so the PPO
+ratio is 1. ``grpo.max_policy_lag: 1`` starts sampling epoch ``e + 1`` with version ``e`` before the learner
+trains on epoch ``e``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from rtdmd_ray.config import Config, ConfigError, dump_yaml, resolve_path, to_dict
+
+
+def check_rl_config(cfg: Config) -> Config:
+    """Validate before any actor starts; returns the config."""
+    if cfg.stage != "rtdmd":
+        raise ConfigError(f"stage={cfg.stage!r}: rtdmd-ray train runs the RL stage; set stage: rtdmd")
+    return cfg.validate()
+
+
+def train(
+    cfg: Config,
+    *,
+    ray_address: str | None = None,
+    on_epoch: Callable[[int, dict[str, float], dict[str, Any]], None] | None = None,
+    record_noise: bool = False,
+) -> dict[str, Any]:
+    """Run the RL stage of ``cfg``: start the roles, train ``train.iterations`` epochs, stop the roles.
+
+    Args:
+        cfg: a ``stage: rtdmd`` config.
+        ray_address: the Ray cluster to join when Ray is not initialised (default ``$RAY_ADDRESS``, else a
+            private local one).
+        on_epoch: called after every epoch with ``(epoch, metrics, roles)`` (tests inspect the roles).
+        record_noise: samplers keep their CPS noise in the rollouts (tests).
+
+    Returns:
+        ``{"output_dir", "epochs", "policy_version", "metrics": [per-epoch metrics]}``.
+    """
+    from rtdmd_ray.cold_start import training_prompt_records
+    from rtdmd_ray.logging_utils import MetricsLogger
+    from rtdmd_ray.reward import RewardPool, reward_metrics
+    from rtdmd_ray.rl_step import RLLearnerGroup
+    from rtdmd_ray.rollout import SamplerGroup, epoch_prompt_jobs, epoch_train_steps
+    from rtdmd_ray.types import ScoredBatch
+
+    check_rl_config(cfg)
+    g, t = cfg.grpo, cfg.train
+    out = resolve_path(t.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(dump_yaml(cfg, comments=False))
+    _init_ray(cfg, ray_address)
+    records = training_prompt_records(cfg.data)
+
+    roles: dict[str, Any] = {}
+    logger = None
+    try:
+        roles["learners"] = learners = RLLearnerGroup(cfg)
+        roles["samplers"] = samplers = SamplerGroup(cfg, record_noise=record_noise)
+        roles["rewards"] = rewards = RewardPool(rewards=cfg.rewards, resources=cfg.resources.reward_worker)
+        version = (
+            0  # policy version = generator updates (epochs) done; samplers start from the learner's weights
+        )
+        sync_metrics = connect_weight_sync(cfg, learners, samplers, version)
+        logger = MetricsLogger(
+            cfg=cfg.logging, output_dir=out, total_iterations=t.iterations, run_config=to_dict(cfg)
+        )
+        logger.write(f"rtdmd: {cfg.summary()}")
+        logger.write(f"learner: {learners.info}")
+
+        def sample(epoch: int, policy_version: int) -> tuple[list[Any], tuple[int, ...]]:
+            steps = epoch_train_steps(g, t.seed, epoch)
+            jobs = epoch_prompt_jobs(
+                records,
+                grpo=g,
+                seed=t.seed,
+                epoch=epoch,
+                num_samplers=len(samplers),
+                policy_version=policy_version,
+            )
+            return samplers.sample_async(jobs, steps), steps
+
+        history: list[dict[str, float]] = []
+        in_flight = sample(0, version)
+        for epoch in range(t.iterations):
+            t_epoch = time.perf_counter()
+            # ---------------------------------------------------------------- SAMPLE + SCORE (overlapped)
+            jobs, steps = in_flight
+            scored_by_key, m = rewards.score(jobs)
+            m["timing/sample_score_s"] = time.perf_counter() - t_epoch
+            scored = ScoredBatch.cat([scored_by_key[j.key] for j in jobs])
+            m |= reward_metrics(scored)
+            # pipelined (max_policy_lag 1): the samplers start the next epoch on the current weights now
+            if g.max_policy_lag and epoch + 1 < t.iterations:
+                in_flight = sample(epoch + 1, version)
+            # ---------------------------------------------------------------- ADVANTAGE + UPDATE
+            t0 = time.perf_counter()
+            m |= learners.update(epoch, jobs, scored)
+            m["timing/update_s"] = time.perf_counter() - t0
+            version = epoch + 1
+            # ---------------------------------------------------------------- SYNC WEIGHTS
+            m |= sync_weights(learners, samplers, version)
+            if not g.max_policy_lag and epoch + 1 < t.iterations:
+                in_flight = sample(epoch + 1, version)
+            # ---------------------------------------------------------------- LOG / CHECKPOINT
+            m |= sync_metrics
+            sync_metrics = {}
+            m |= {
+                "rollout/images": float(scored.count),
+                "rollout/train_steps": float(len(steps)),
+                "rollout/policy_version": float(version),
+                "timing/epoch_s": time.perf_counter() - t_epoch,
+            }
+            m["rollout/images_per_s"] = m["rollout/images"] / max(m["timing/sample_score_s"], 1e-9)
+            history.append(m)
+            logger.log(epoch + 1, m, echo=(epoch + 1) % t.log_every_iterations == 0)
+            logger.advance(1)
+            if on_epoch is not None:
+                on_epoch(epoch, m, roles)
+        return {"output_dir": str(out), "epochs": t.iterations, "policy_version": version, "metrics": history}
+    finally:
+        if logger is not None:
+            logger.close()
+        for role in reversed(list(roles.values())):
+            role.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def connect_weight_sync(cfg: Config, learners: Any, samplers: Any, version: int) -> dict[str, float]:
+    """Form the learner -> sampler sync group and send the starting weights as ``version``."""
+    import torch
+
+    transport = cfg.sync.transport
+    if transport == "auto":
+        transport = (
+            "nccl" if cfg.resources.sampler.gpus_per_actor > 0 and torch.cuda.is_available() else "gloo"
+        )
+    endpoint = learners.call(
+        "open_weight_sync", transport, len(samplers), float(cfg.sync.bucket_mib), float(cfg.sync.timeout_s)
+    )[0]
+    samplers.join_weight_sync(endpoint)
+    return sync_weights(learners, samplers, version)
+
+
+def sync_weights(learners: Any, samplers: Any, version: int) -> dict[str, float]:
+    """Learner rank 0 -> every sampler: the generator LoRA as policy ``version`` (samplers check the
+    version)."""
+    t0 = time.perf_counter()
+    ticket = learners.call("send_weights", version)[0]
+    versions = samplers.recv_weights(ticket)
+    learners.call("finish_send")
+    if set(versions) != {version}:
+        raise RuntimeError(f"samplers hold policy versions {versions} after syncing version {version}")
+    return {
+        "sync/seconds": time.perf_counter() - t0,
+        "sync/bytes": float(ticket.nbytes),
+        "sync/version": float(version),
+    }
+
+
+def _init_ray(cfg: Config, ray_address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = ray_address or os.environ.get("RAY_ADDRESS") or "local"
+    r = cfg.resources
+    need = sum(x.count * x.cpus_per_actor for x in (r.sampler, r.reward_worker, r.learner))
+    ray.init(
+        address=address,
+        include_dashboard=False,
+        log_to_driver=True,
+        **({"num_cpus": max(math.ceil(need), os.cpu_count() or 1)} if address == "local" else {}),
+    )

@@ -1,0 +1,411 @@
+"""The rollout role: ``RolloutWorker`` (one sampler actor) and ``SamplerGroup`` (the samplers, fan-out per
+phase).
+
+A sampler holds the generator (base + the RL adapter stack, ``rl_step.build_sampler_generator``), the text
+encoders and the VAE. Per call it samples one ``PromptBatch`` (spec algorithms.md §3.3): 4-step CPS
+trajectories with log-probs, SubGRPO's prompt-seeded shared noise at the non-selected steps, the decoded
+final images, and returns a typed ``RolloutBatch`` stamped with the policy version of its weights, plus a
+small ``ScoreRequest`` (uint8 images, prompts, metadata) that the driver hands to the reward pool as soon as
+it is ready. Samplers refuse to sample with weights of another version than the prompts ask for.
+
+Randomness is per sample, never per call: sample ``i``'s initial noise and its noise at the trained steps come
+from a generator seeded with ``PromptBatch.seeds[i]``, so a trajectory does not depend on how the epoch is
+split over samplers or micro-batches (and a re-dispatched batch reproduces bit for bit).
+
+Prompts (§3.2): ``epoch_prompt_jobs`` draws each rollout step's K-repeat groups with
+``algorithms.grpo.k_repeat_indices`` (a pure function of seed and draw index), so the K copies of a prompt
+land on different samplers and the learner ranks gather advantages globally.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rtdmd_ray.algorithms.cps import cps_step, sde_step
+from rtdmd_ray.algorithms.grpo import k_repeat_indices, select_train_steps, shared_noise_batch
+from rtdmd_ray.config import GRPOConfig, ModelConfig, SamplingConfig, TrainConfig
+from rtdmd_ray.types import PromptBatch, RolloutBatch, quantize_images
+
+
+@dataclass
+class ScoreRequest:
+    """What the reward pool needs from one rollout call (the latents stay in the object store).
+
+    Attributes:
+        images: uint8 ``[N, 3, H, W]``, the decoded final samples.
+        prompts: ``N`` prompts; metadata: ``N`` metadata dicts (GenEval fields).
+    """
+
+    images: torch.Tensor
+    prompts: list[str]
+    metadata: list[dict[str, Any]]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+# ------------------------------------------------------------------------------------------ prompts (§3.2)
+def sample_seed(seed: int, epoch: int, slot: int) -> int:
+    """The initial-noise seed of global sample ``slot`` of ``epoch`` (63 bits of a hash: no collisions)."""
+    digest = hashlib.sha256(f"rtdmd-rollout:{seed}:{epoch}:{slot}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def epoch_train_steps(grpo: GRPOConfig, seed: int, epoch: int) -> tuple[int, ...]:
+    """The SubGRPO-trained steps of ``epoch`` (identical everywhere); every candidate when selection is
+    off."""
+    ss = grpo.step_selection
+    candidates = list(range(ss.range_start, ss.range_end + 1))
+    if not ss.enabled:
+        return tuple(candidates)
+    return tuple(select_train_steps(seed, epoch, candidates, ss.num_train_steps))
+
+
+@dataclass(frozen=True)
+class PromptJob:
+    """One sampler call of an epoch: ``key = (rollout step, sampler, micro-batch)`` orders the epoch's
+    samples."""
+
+    key: tuple[int, int, int]
+    sampler: int
+    prompts: PromptBatch
+
+
+def epoch_prompt_jobs(
+    records: Sequence[dict[str, Any]],
+    *,
+    grpo: GRPOConfig,
+    seed: int,
+    epoch: int,
+    num_samplers: int,
+    policy_version: int,
+) -> list[PromptJob]:
+    """Every sampler call of ``epoch`` in sample order (step-major, then sampler, then micro-batch).
+
+    Rollout step ``i`` draws ``images_per_step`` slots with ``k_repeat_indices(seed, epoch *
+    sample_batches_per_epoch + i, ...)``; sampler ``s`` takes slots ``[s * share, (s + 1) * share)``, split
+    into ``grpo.sampler_micro_batch_images`` chunks (0 = one call). A sample's group id is its dataset row, so
+    a prompt drawn twice in an epoch is one group (the reference groups by prompt string).
+    """
+    per_step = grpo.images_per_step
+    share = per_step // num_samplers
+    micro = grpo.sampler_micro_batch_images or share
+    jobs = []
+    for i in range(grpo.sample_batches_per_epoch):
+        rows = k_repeat_indices(
+            seed, epoch * grpo.sample_batches_per_epoch + i, len(records), per_step, grpo.images_per_prompt
+        )
+        for s in range(num_samplers):
+            for m, lo in enumerate(range(s * share, (s + 1) * share, micro)):
+                slots = range(lo, min(lo + micro, (s + 1) * share))
+                recs = [records[rows[k]] for k in slots]
+                pb = PromptBatch(
+                    prompts=[r["prompt"] for r in recs],
+                    metadata=[dict(r) for r in recs],
+                    group_ids=torch.tensor([rows[k] for k in slots], dtype=torch.int64),
+                    seeds=torch.tensor(
+                        [sample_seed(seed, epoch, i * per_step + k) for k in slots], dtype=torch.int64
+                    ),
+                    epoch=epoch,
+                    policy_version=policy_version,
+                )
+                jobs.append(PromptJob(key=(i, s, m), sampler=s, prompts=pb))
+    return jobs
+
+
+# ------------------------------------------------------------------------------------------ noise (§3.3)
+def trajectory_noise(
+    prompts: PromptBatch,
+    *,
+    num_steps: int,
+    shape: Sequence[int],
+    train_steps: Sequence[int],
+    share_untrained: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Initial latents and per-step CPS noise of every sample, CPU float32.
+
+    Sample ``i``'s generator (seeded with ``seeds[i]``) draws ``x_0`` and then one noise per step in order, so
+    the stream never depends on the batch. With ``share_untrained`` (SubGRPO step selection) the noise of
+    every step outside ``train_steps`` is replaced by ``shared_noise(prompt, step, epoch)``: identical for a
+    prompt's K copies on any sampler, so in-group reward differences come from ``x_0`` and the trained steps
+    only.
+
+    Returns:
+        ``(x0 [N, C, H, W], noise [N, T, C, H, W])``.
+    """
+    x0, noise = [], []
+    for seed in prompts.seeds.tolist():
+        g = torch.Generator().manual_seed(int(seed))
+        x0.append(torch.randn(tuple(shape), generator=g))
+        noise.append(torch.stack([torch.randn(tuple(shape), generator=g) for _ in range(num_steps)]))
+    x0_t, noise_t = torch.stack(x0), torch.stack(noise)
+    if share_untrained:
+        for j in range(num_steps):
+            if j not in train_steps:
+                noise_t[:, j] = shared_noise_batch(prompts.prompts, j, prompts.epoch, shape)
+    return x0_t, noise_t
+
+
+# ------------------------------------------------------------------------------------------ the actor
+class RolloutWorker:
+    """One sampler actor (created by ``SamplerGroup`` through ``groups.create_actor_group``).
+
+    Args:
+        model, sampling, grpo, train: config slices.
+        sampler_id: this sampler's index (stamped on its samples).
+        threads: intra-op CPU threads (the actor's ``cpus_per_actor``).
+        record_noise: keep the per-step CPS noise in ``RolloutBatch.extras["step_noise"]`` (tests only).
+    """
+
+    def __init__(
+        self,
+        *,
+        model: ModelConfig,
+        sampling: SamplingConfig,
+        grpo: GRPOConfig,
+        train: TrainConfig,
+        sampler_id: int,
+        threads: int = 1,
+        record_noise: bool = False,
+    ):
+        from rtdmd_ray.learner import _has_gpu
+        from rtdmd_ray.learner_state import TORCH_DTYPES
+        from rtdmd_ray.models import build_backbone
+        from rtdmd_ray.models.lora import lora_state
+        from rtdmd_ray.rl_step import build_sampler_generator
+        from rtdmd_ray.weight_sync import WeightReceiver
+
+        torch.set_num_threads(max(1, threads))
+        self.model, self.sampling, self.grpo, self.train = model, sampling, grpo, train
+        self.sampler_id, self.record_noise = sampler_id, record_noise
+        self.device = torch.device("cuda" if _has_gpu() else "cpu")
+        # the learner builds the same base from the same seed (tiny models) or the same files
+        self.backbone = build_backbone(
+            model.backbone,
+            pretrained_path=model.pretrained_path or None,
+            dtype=model.dtype,
+            device=self.device,
+            seed=train.seed,
+        )
+        self.stack = build_sampler_generator(self.backbone.transformer, model, seed=train.seed)
+        steps = tuple(sampling.denoising_step_list[: sampling.num_steps])
+        self.sigmas = [float(s) for s in self.backbone.sigma_schedule(steps, model.resolution_px)]
+        self.latent_shape = tuple(self.backbone.latent_shape(model.resolution_px))
+        self.autocast_dtype = TORCH_DTYPES[train.autocast_dtype]
+        self.cond_key = f"{model.backbone}:{model.pretrained_path or 'seed' + str(train.seed)}"
+        # the learner sends the generator LoRA as fp32 published-key tensors (LearnerState.full_lora)
+        layout = {
+            k: (tuple(v.shape), torch.float32)
+            for k, v in lora_state(self.backbone.transformer, "generator").items()
+        }
+        self.receiver = WeightReceiver(expected_layout=layout)
+        self.version = -1  # no weights received yet: sampling refuses until the first sync
+
+    # ---------------------------------------------------------------- weight sync
+    def join_weight_sync(self, endpoint: Any, rank: int) -> None:
+        self.receiver.join(endpoint, rank)
+
+    def recv_weights(self, ticket: Any) -> int:
+        """Receive the generator LoRA of ``ticket`` into the adapter (bit-exact copy); returns the new
+        version."""
+        from rtdmd_ray.models.lora import load_lora_state
+
+        named, version = self.receiver.recv(ticket)
+        load_lora_state(self.backbone.transformer, "generator", named, strict=True)
+        self.version = version
+        return version
+
+    def lora(self) -> tuple[dict[str, torch.Tensor], int]:
+        """The generator LoRA this sampler samples with (published keys, clones) and its version."""
+        from rtdmd_ray.models.lora import lora_state
+
+        return {
+            k: v.clone() for k, v in lora_state(self.backbone.transformer, "generator").items()
+        }, self.version
+
+    # ---------------------------------------------------------------- sampling
+    def _velocity(self, x: torch.Tensor, sigma: float, cond: Any) -> torch.Tensor:
+        sig = torch.full((x.shape[0],), sigma, dtype=torch.float32, device=self.device)
+        enabled = self.autocast_dtype != torch.float32
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=enabled):
+            v = self.backbone.velocity(x, sig, cond)
+        return v.float()
+
+    @torch.no_grad()
+    def sample(self, prompts: PromptBatch, train_steps: tuple[int, ...]) -> tuple[RolloutBatch, ScoreRequest]:
+        """Trajectories of ``prompts`` with the current weights (spec §3.3).
+
+        Args:
+            prompts: the call's prompts; ``prompts.policy_version`` must equal this sampler's weights'
+            version. train_steps: the epoch's SubGRPO-trained steps (the others get shared noise).
+
+        Returns:
+            ``(RolloutBatch, ScoreRequest)``: the trajectories (latents ``[N, T, C, H, W]``, log-probs ``[N,
+            T]``) and the images to score.
+        """
+        if prompts.policy_version != self.version:
+            raise RuntimeError(
+                f"sampler {self.sampler_id} holds policy version {self.version} but was asked to "
+                f"sample with version {prompts.policy_version}: sync the weights first"
+            )
+        t0 = time.perf_counter()
+        n, t = len(prompts), len(self.sigmas) - 1
+        x, noise = trajectory_noise(
+            prompts,
+            num_steps=t,
+            shape=self.latent_shape,
+            train_steps=train_steps,
+            share_untrained=self.grpo.step_selection.enabled,
+        )
+        x, noise = x.to(self.device), noise.to(self.device)
+        cond = self.backbone.encode_prompts(prompts.prompts)
+        latents, next_latents, log_probs = [], [], []
+        for j in range(t):
+            v = self._velocity(x, self.sigmas[j], cond)
+            if self.grpo.sde_type == "sde":
+                st = sde_step(
+                    x,
+                    v,
+                    self.sigmas[j],
+                    self.sigmas[j + 1],
+                    self.sampling.eta,
+                    noise=noise[:, j],
+                    sigma_max=self.sigmas[1],
+                )
+            else:
+                st = cps_step(
+                    x,
+                    v,
+                    self.sigmas[j],
+                    self.sigmas[j + 1],
+                    self.sampling.eta,
+                    noise=noise[:, j],
+                    log_prob=self.grpo.log_prob,
+                )
+            latents.append(x.float())
+            next_latents.append(st.sample.float())
+            log_probs.append(st.log_prob)
+            x = st.sample
+        micro = self.grpo.vae_decode_micro_batch_images or n
+        images = torch.cat(
+            [quantize_images(self.backbone.decode(x[lo : lo + micro])) for lo in range(0, n, micro)]
+        )
+        batch = RolloutBatch(
+            latents=torch.stack(latents, 1).cpu(),
+            next_latents=torch.stack(next_latents, 1).cpu(),
+            log_probs=torch.stack(log_probs, 1).float().cpu(),
+            sigmas=torch.tensor(self.sigmas, dtype=torch.float32),
+            selected_steps=tuple(s for s in train_steps if self.sigmas[s + 1] > 0),
+            images=images.cpu(),
+            prompts=list(prompts.prompts),
+            metadata=list(prompts.metadata),
+            seeds=prompts.seeds.clone(),
+            group_ids=prompts.group_ids.clone(),
+            sampler_ids=torch.full((n,), self.sampler_id, dtype=torch.int64),
+            epoch=prompts.epoch,
+            policy_version=self.version,
+            # the text-encoder stack's id (the learner re-encodes `prompts`); RolloutBatch.cat needs it equal
+            conditioning_key=self.cond_key,
+            extras={"step_noise": noise.cpu()} if self.record_noise else {},
+        )
+        self.last_sample_s = time.perf_counter() - t0
+        return batch, ScoreRequest(images=batch.images, prompts=batch.prompts, metadata=batch.metadata)
+
+
+# ------------------------------------------------------------------------------------------ the group
+@dataclass
+class RolloutJob:
+    """One in-flight sampler call: the object refs of its ``RolloutBatch`` and ``ScoreRequest``."""
+
+    key: tuple[int, int, int]
+    sampler: int
+    num_images: int
+    rollout_ref: Any
+    request_ref: Any
+
+
+class SamplerGroup:
+    """The sampler actors (``resources.sampler``), built through ``groups.create_actor_group``.
+
+    Args:
+        cfg: the whole config (the one place mapping its sections onto sampler actors).
+        record_noise: forwarded to every ``RolloutWorker`` (tests).
+    """
+
+    def __init__(self, cfg: Any, *, record_noise: bool = False, timeout_s: float = 600.0):
+        from rtdmd_ray.groups import RoleResources, create_actor_group
+
+        r = cfg.resources.sampler
+        res = RoleResources(
+            count=r.count,
+            cpus_per_actor=r.cpus_per_actor,
+            gpus_per_actor=r.gpus_per_actor,
+            max_restarts=r.max_restarts,
+            max_task_retries=r.max_task_retries,
+        )
+        self.timeout_s = timeout_s
+        self.group = create_actor_group(
+            RolloutWorker,
+            res,
+            role="sampler",
+            strategy=r.placement,
+            init_kwargs=lambda i: {
+                "model": cfg.model,
+                "sampling": cfg.sampling,
+                "grpo": cfg.grpo,
+                "train": cfg.train,
+                "sampler_id": i,
+                "threads": max(1, math.floor(r.cpus_per_actor)),
+                "record_noise": record_noise,
+            },
+        )
+        try:
+            self.group.wait_ready(timeout_s=timeout_s)
+        except BaseException:
+            self.group.shutdown()
+            raise
+
+    def __len__(self) -> int:
+        return len(self.group)
+
+    def sample_async(self, jobs: Sequence[PromptJob], train_steps: tuple[int, ...]) -> list[RolloutJob]:
+        """Submit every call of the epoch at once (each sampler runs its calls in order); returns the refs."""
+        out = []
+        for job in jobs:
+            rollout_ref, request_ref = (
+                self.group[job.sampler].sample.options(num_returns=2).remote(job.prompts, train_steps)
+            )
+            out.append(RolloutJob(job.key, job.sampler, len(job.prompts), rollout_ref, request_ref))
+        return out
+
+    def join_weight_sync(self, endpoint: Any) -> None:
+        from rtdmd_ray.groups import gather
+
+        gather(
+            self.group.map_ranked_async(lambda i, a: a.join_weight_sync.remote(endpoint, i + 1)),
+            timeout_s=self.timeout_s,
+            what="sampler weight-sync join",
+        )
+
+    def recv_weights(self, ticket: Any) -> list[int]:
+        return self.group.map(
+            lambda a: a.recv_weights.remote(ticket),
+            timeout_s=self.timeout_s,
+            what=f"sampler weight sync v{ticket.version}",
+        )
+
+    def call(self, method: str, *args: Any) -> list[Any]:
+        """Every sampler's result of ``method(*args)`` (inspection: ``lora``)."""
+        return self.group.map(
+            lambda a: getattr(a, method).remote(*args), timeout_s=self.timeout_s, what=method
+        )
+
+    def shutdown(self) -> None:
+        self.group.shutdown()
