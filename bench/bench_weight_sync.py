@@ -1,7 +1,8 @@
 """P3 (issue 10): weight-sync time and bandwidth of our transports vs a raw torch.distributed broadcast.
 
 Topology: one sender actor (learner rank 0 stand-in, with its own default gloo group of world size 1,
-as an FSDP learner has) and ``--receivers`` sampler actors, on a private local Ray cluster.
+as an FSDP learner has) and ``--receivers`` sampler actors, on a private local Ray cluster
+(``--runner processes``: plain spawned processes instead, for when a Ray head cannot start; no object store).
 
 For each adapter (ShapeWorld: the real tiny SD3 transformer + peft LoRA; SD3.5-M-sized: rank 32 on the
 8 attention projections of 24 joint blocks, hidden 1536, random tensors of those shapes) it times:
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import multiprocessing as mp
 import shutil
 import statistics
 import tempfile
@@ -146,49 +148,88 @@ class BenchReceiver:
         return time.perf_counter() - t0
 
 
+class _ProcessActor:
+    """A minimal actor in a spawned process (``--runner processes``): calls run one at a time, in order."""
+
+    def __init__(self, cls: type, kwargs: dict):
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve, args=(child, cls, kwargs), daemon=True)
+        self.proc.start()
+
+    def call(self, method: str, *args):
+        self.conn.send((method, args))
+        return self
+
+    def get(self):
+        ok, value = self.conn.recv()
+        if not ok:
+            raise RuntimeError(value)
+        return value
+
+    def stop(self) -> None:
+        self.conn.send(None)
+        self.proc.join(10)
+
+
+def _serve(conn, cls: type, kwargs: dict) -> None:
+    obj = cls(**kwargs)
+    while (msg := conn.recv()) is not None:
+        try:
+            conn.send((True, getattr(obj, msg[0])(*msg[1])))
+        except Exception as e:
+            conn.send((False, repr(e)))
+
+
+class _RayActor:
+    def __init__(self, cls: type, kwargs: dict):
+        self.handle = ray.remote(cls).options(num_cpus=0.5).remote(**kwargs)
+
+    def call(self, method: str, *args) -> ray.ObjectRef:
+        return getattr(self.handle, method).remote(*args)
+
+    def stop(self) -> None:
+        ray.kill(self.handle)
+
+
+def get_all(pending: list) -> list:
+    return ray.get(pending) if isinstance(pending[0], ray.ObjectRef) else [p.get() for p in pending]
+
+
 def bench_adapter(
     name: str, shapes: dict[str, tuple[int, ...]], args: argparse.Namespace
 ) -> dict[str, float]:
-    sender = (
-        ray.remote(BenchSender)
-        .options(num_cpus=0.5)
-        .remote(shapes=shapes, bucket_mib=args.bucket_mib, timeout_s=args.timeout_s)
-    )
-    receivers = [
-        ray.remote(BenchReceiver).options(num_cpus=0.5).remote(timeout_s=args.timeout_s)
-        for _ in range(args.receivers)
-    ]
-    for transport in ("gloo", "object_store", "raw"):
-        endpoint = ray.get(sender.open.remote(transport, len(receivers)))
-        ray.get([r.join.remote(transport, endpoint, i + 1) for i, r in enumerate(receivers)])
+    actor = _RayActor if args.runner == "ray" else _ProcessActor
+    sender = actor(BenchSender, dict(shapes=shapes, bucket_mib=args.bucket_mib, timeout_s=args.timeout_s))
+    receivers = [actor(BenchReceiver, dict(timeout_s=args.timeout_s)) for _ in range(args.receivers)]
+    transports = ("gloo", "object_store") if args.runner == "ray" else ("gloo",)
+    for transport in (*transports, "raw"):
+        endpoint = get_all([sender.call("open", transport, len(receivers))])[0]
+        get_all([r.call("join", transport, endpoint, i + 1) for i, r in enumerate(receivers)])
     nbytes = sum(int(torch.Size(s).numel()) * 4 for s in shapes.values())
-    times: dict[str, list[float]] = {
-        "ours": [],
-        "ours_in_recv": [],
-        "raw": [],
-        "raw_in_bcast": [],
-        "object_store": [],
-    }
+    times: dict[str, list[float]] = {"ours": [], "ours_in_recv": [], "raw": [], "raw_in_bcast": []}
+    times.update({"object_store": []} if "object_store" in transports else {})
     for it in range(args.warmup + args.repeats):
         record = it >= args.warmup
-        for transport, key in (("gloo", "ours"), ("object_store", "object_store")):
+        for transport in transports:
+            key = "ours" if transport == "gloo" else transport
             t0 = time.perf_counter()
-            ticket = ray.get(sender.send.remote(transport, it))
-            in_recv = ray.get([r.recv.remote(ticket) for r in receivers])
-            ray.get(sender.wait.remote(transport))
+            ticket = get_all([sender.call("send", transport, it)])[0]
+            in_recv = get_all([r.call("recv", ticket) for r in receivers])
+            get_all([sender.call("wait", transport)])
             if record:
                 times[key].append(time.perf_counter() - t0)
                 if key == "ours":
                     times["ours_in_recv"].append(max(in_recv))
         t0 = time.perf_counter()
-        raw = ray.get(
-            [sender.raw_broadcast.remote(nbytes)] + [r.raw_broadcast.remote(nbytes) for r in receivers]
+        raw = get_all(
+            [sender.call("raw_broadcast", nbytes)] + [r.call("raw_broadcast", nbytes) for r in receivers]
         )
         if record:
             times["raw"].append(time.perf_counter() - t0)
             times["raw_in_bcast"].append(max(raw))
     for a in [sender, *receivers]:
-        ray.kill(a)
+        a.stop()
     med = {k: statistics.median(v) for k, v in times.items()}
     n_tensors = len(shapes)
     print(
@@ -202,6 +243,8 @@ def bench_adapter(
         ("raw", "raw broadcast (end to end)"),
         ("raw_in_bcast", "raw broadcast (inside)"),
     ]:
+        if k not in med:  # object_store needs --runner ray
+            continue
         print(f"  {label:30s} {med[k] * 1e3:9.2f} ms  {nbytes / med[k] / 2**30:7.3f} GiB/s")
     print(f"  bandwidth ours ÷ raw (end to end)      {med['raw'] / med['ours']:.2f}   (goal ≥ 0.5)")
     print(f"  bandwidth ours ÷ raw (transfer inside) {med['raw_in_bcast'] / med['ours_in_recv']:.2f}")
@@ -222,9 +265,16 @@ def main() -> None:
         "--learner-step-s", type=float, default=0.0, help="a measured learner step time, for the ratio"
     )
     p.add_argument("--only", choices=["shapeworld", "sd35m"], default=None)
+    p.add_argument(
+        "--runner",
+        choices=["ray", "processes"],
+        default="ray",
+        help="ray: actors on a private local Ray cluster; processes: spawned processes (no object store)",
+    )
     args = p.parse_args()
     tmp = tempfile.mkdtemp(prefix="rtr-bws-", dir="/tmp")
-    ray.init(address="local", num_cpus=4, include_dashboard=False, _temp_dir=tmp, log_to_driver=True)
+    if args.runner == "ray":
+        ray.init(address="local", num_cpus=4, include_dashboard=False, _temp_dir=tmp, log_to_driver=True)
     try:
         if args.only in (None, "shapeworld"):
             bench_adapter("ShapeWorld LoRA (rank 16, 4 blocks, hidden 128)", shapeworld_lora_shapes(), args)
@@ -233,7 +283,8 @@ def main() -> None:
                 "SD3.5-M-sized LoRA (rank 32, 24 blocks x 8 proj, hidden 1536)", sd35m_lora_shapes(), args
             )
     finally:
-        ray.shutdown()
+        if ray.is_initialized():
+            ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -122,33 +122,16 @@ def _align(n: int) -> int:
     return (n + _ALIGN_BYTES - 1) // _ALIGN_BYTES * _ALIGN_BYTES
 
 
-def pack_buckets(
-    named_tensors: Mapping[str, torch.Tensor],
-    bucket_mib: float,
-    *,
-    version: int = 0,
-    device: torch.device | str | None = None,
-) -> tuple[list[torch.Tensor], BucketManifest]:
-    """Flatten tensors of any dtype into uint8 buckets of at most ``bucket_mib`` MiB each.
+def plan_buckets(
+    named_tensors: Mapping[str, torch.Tensor], bucket_mib: float, *, version: int = 0
+) -> BucketManifest:
+    """The layout ``pack_buckets`` uses: tensors in the given order, greedily, 16-byte aligned.
 
-    Tensors are placed in the given order, greedily; a tensor larger than a bucket gets a bucket of
-    its own. The bytes are copied raw (``view(uint8)``), so ``unpack_buckets`` is bit-exact for every
-    dtype (fp32/bf16/fp16, NaN payloads included).
-
-    Args:
-        named_tensors: ``{name: tensor}`` of any shapes/dtypes/devices.
-        bucket_mib: bucket capacity in MiB (``sync.bucket_mib``).
-        version: the policy version recorded in the manifest.
-        device: where the buckets live (default: the first tensor's device).
-
-    Returns:
-        ``(buckets, manifest)``: buckets are 1-D uint8 tensors ``[bucket_nbytes[i]]``.
+    A tensor larger than a bucket gets a bucket of its own.
     """
     if bucket_mib <= 0:
         raise ValueError(f"bucket_mib must be > 0 (config `sync.bucket_mib`), got {bucket_mib}")
     capacity = int(bucket_mib * 2**20)
-    if device is None:
-        device = next(iter(named_tensors.values())).device if named_tensors else "cpu"
     entries: list[ManifestEntry] = []
     sizes: list[int] = []
     for name, t in named_tensors.items():
@@ -170,12 +153,69 @@ def pack_buckets(
             )
         )
         sizes[-1] = offset + nbytes
-    buckets = [torch.zeros(n, dtype=torch.uint8, device=device) for n in sizes]
-    for e, t in zip(entries, named_tensors.values(), strict=True):
+    return BucketManifest(version=version, entries=tuple(entries), bucket_nbytes=tuple(sizes))
+
+
+def _fill_bucket(
+    bucket: torch.Tensor, entries: Sequence[ManifestEntry], tensors: Sequence[torch.Tensor]
+) -> None:
+    """Copy the raw bytes of ``tensors`` to their offsets in ``bucket`` and zero the alignment gaps."""
+    end = 0
+    for e, t in zip(entries, tensors, strict=True):
+        if e.offset > end:
+            bucket[end : e.offset].zero_()  # deterministic bytes on the wire
         if e.numel:
-            raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
-            buckets[e.bucket][e.offset : e.offset + e.nbytes].copy_(raw)
-    return buckets, BucketManifest(version=version, entries=tuple(entries), bucket_nbytes=tuple(sizes))
+            bucket[e.offset : e.offset + e.nbytes].copy_(
+                t.detach().contiguous().reshape(-1).view(torch.uint8)
+            )
+        end = e.offset + e.nbytes
+
+
+def _allocate_buckets(
+    sizes: Sequence[int], device: torch.device | str, reuse: list[torch.Tensor] | None
+) -> list[torch.Tensor]:
+    """Buckets of ``sizes`` bytes; ``reuse`` is returned when it already has exactly those sizes."""
+    if (
+        reuse is not None
+        and [b.numel() for b in reuse] == list(sizes)
+        and all(b.device == torch.device(device) for b in reuse)
+    ):
+        return reuse
+    return [torch.empty(n, dtype=torch.uint8, device=device) for n in sizes]
+
+
+def pack_buckets(
+    named_tensors: Mapping[str, torch.Tensor],
+    bucket_mib: float,
+    *,
+    version: int = 0,
+    device: torch.device | str | None = None,
+    out: list[torch.Tensor] | None = None,
+) -> tuple[list[torch.Tensor], BucketManifest]:
+    """Flatten tensors of any dtype into uint8 buckets of at most ``bucket_mib`` MiB each.
+
+    The bytes are copied raw (``view(uint8)``), so ``unpack_buckets`` is bit-exact for every dtype
+    (fp32/bf16/fp16, NaN payloads included). Layout: ``plan_buckets``.
+
+    Args:
+        named_tensors: ``{name: tensor}`` of any shapes/dtypes/devices.
+        bucket_mib: bucket capacity in MiB (``sync.bucket_mib``).
+        version: the policy version recorded in the manifest.
+        device: where the buckets live (default: the first tensor's device).
+        out: buckets of a previous call to fill in place when their sizes match (saves allocation).
+
+    Returns:
+        ``(buckets, manifest)``: buckets are 1-D uint8 tensors ``[bucket_nbytes[i]]``.
+    """
+    manifest = plan_buckets(named_tensors, bucket_mib, version=version)
+    if device is None:
+        device = next(iter(named_tensors.values())).device if named_tensors else "cpu"
+    buckets = _allocate_buckets(manifest.bucket_nbytes, device, out)
+    tensors = list(named_tensors.values())
+    for i, bucket in enumerate(buckets):
+        idx = [j for j, e in enumerate(manifest.entries) if e.bucket == i]
+        _fill_bucket(bucket, [manifest.entries[j] for j in idx], [tensors[j] for j in idx])
+    return buckets, manifest
 
 
 def unpack_buckets(buckets: Sequence[torch.Tensor], manifest: BucketManifest) -> dict[str, torch.Tensor]:
@@ -322,6 +362,7 @@ class WeightSender:
         self._pending: _PendingGroup | None = None
         self._inflight: tuple[list[Any], list[torch.Tensor], int] | None = None
         self._last_refs: tuple[Any, ...] = ()
+        self._buffers: list[torch.Tensor] | None = None
 
     @property
     def group_epoch(self) -> int:
@@ -401,8 +442,16 @@ class WeightSender:
         pg = self._group()
         self.wait()
         device = torch.device("cuda", torch.cuda.current_device()) if self.transport == "nccl" else "cpu"
-        buckets, manifest = pack_buckets(named_tensors, self.bucket_mib, version=version, device=device)
-        works = [pg.broadcast(b, 0) for b in buckets]
+        manifest = plan_buckets(named_tensors, self.bucket_mib, version=version)
+        # reuse last send's buffers (safe: wait() above finished that transfer); post each bucket as
+        # soon as it is filled so packing the next one overlaps the transfer of this one
+        buckets = _allocate_buckets(manifest.bucket_nbytes, device, self._buffers)
+        self._buffers = buckets
+        tensors, works = list(named_tensors.values()), []
+        for i, bucket in enumerate(buckets):
+            idx = [j for j, e in enumerate(manifest.entries) if e.bucket == i]
+            _fill_bucket(bucket, [manifest.entries[j] for j in idx], [tensors[j] for j in idx])
+            works.append(pg.broadcast(bucket, 0))
         self._inflight = (works, buckets, version)
         return SyncTicket(transport=self.transport, group_epoch=self._epoch, manifest=manifest)
 
@@ -444,6 +493,9 @@ class WeightReceiver:
         expected_layout: ``{name: (shape, dtype)}`` of the receiving model (``tensor_layout(lora_state)``);
             when given, a ticket with another layout raises ``ManifestMismatchError``.
         host: this process's reachable address for gloo (default: this node's IP).
+        reuse_buffers: receive into the same buffers every time the bucket sizes repeat (no allocation
+            and page faults per sync). The tensors ``recv`` returns are then views that the NEXT ``recv``
+            overwrites: copy them into the model (``param.copy_``) before receiving again, or pass False.
     """
 
     def __init__(
@@ -452,8 +504,11 @@ class WeightReceiver:
         timeout_s: float = 120.0,
         expected_layout: Mapping[str, tuple[Sequence[int], torch.dtype | str]] | None = None,
         host: str | None = None,
+        reuse_buffers: bool = True,
     ):
         self.timeout_s = timeout_s
+        self.reuse_buffers = reuse_buffers
+        self._buffers: list[torch.Tensor] | None = None
         self.expected_layout = dict(expected_layout) if expected_layout is not None else None
         self.host = host or node_ip()
         self.version = -1  # the policy version of the last weights received
@@ -499,7 +554,9 @@ class WeightReceiver:
             import ray
 
             arrays = ray.get(list(ticket.bucket_refs), timeout=self.timeout_s)
-            buckets = [torch.from_numpy(np.array(a, copy=True)) for a in arrays]  # writable copies
+            buckets = self._receive_buffers(manifest, "cpu")
+            for b, a in zip(buckets, arrays, strict=True):
+                np.copyto(b.numpy(), a)  # the store's arrays are read-only: copy into writable buckets
         else:
             if self._pg is None or self._endpoint is None or ticket.group_epoch != self._endpoint.group_epoch:
                 joined = None if self._endpoint is None else self._endpoint.group_epoch
@@ -510,7 +567,7 @@ class WeightReceiver:
             device = (
                 torch.device("cuda", torch.cuda.current_device()) if ticket.transport == "nccl" else "cpu"
             )
-            buckets = [torch.empty(n, dtype=torch.uint8, device=device) for n in manifest.bucket_nbytes]
+            buckets = self._receive_buffers(manifest, device)
             works = [self._pg.broadcast(b, 0) for b in buckets]
             try:
                 _wait_all(works, ticket.transport, self.timeout_s)
@@ -525,6 +582,14 @@ class WeightReceiver:
         named = unpack_buckets(buckets, manifest)
         self.version = ticket.version
         return named, ticket.version
+
+    def _receive_buffers(self, manifest: BucketManifest, device: torch.device | str) -> list[torch.Tensor]:
+        buckets = _allocate_buckets(
+            manifest.bucket_nbytes, device, self._buffers if self.reuse_buffers else None
+        )
+        if self.reuse_buffers:
+            self._buffers = buckets
+        return buckets
 
     def _check(self, ticket: SyncTicket) -> Exception | None:
         if ticket.version < self.version:

@@ -70,6 +70,16 @@ def test_tiny_buckets_split_and_oversized_tensor_gets_its_own():
     assert_bit_equal(unpack_buckets(buckets, manifest), state)
 
 
+def test_pack_into_reused_buckets():
+    buckets, manifest = pack_buckets(mixed_state(0), bucket_mib=512 / 2**20)
+    again, manifest2 = pack_buckets(mixed_state(1), bucket_mib=512 / 2**20, out=buckets)
+    assert all(a is b for a, b in zip(again, buckets, strict=True)) and manifest2 == manifest
+    assert_bit_equal(unpack_buckets(again, manifest2), mixed_state(1))
+    bigger = dict(mixed_state(0), extra=torch.zeros(300))
+    fresh, _ = pack_buckets(bigger, bucket_mib=512 / 2**20, out=buckets)  # other sizes: new buckets
+    assert not any(f is b for f in fresh for b in buckets)
+
+
 def test_manifest_layout_check_and_bucket_mismatch():
     state = mixed_state()
     buckets, manifest = pack_buckets(state, bucket_mib=1.0)
@@ -99,7 +109,9 @@ def _run_receivers(endpoint, receivers, tickets, results):
         try:
             rx.join(endpoint, rank)
             for _ in range(len(tickets)):
-                results[rank].append(rx.recv(tickets.wait_next(rank)))
+                named, version = rx.recv(tickets.wait_next(rank))
+                # copy out, as loading into the model does: the next recv reuses the buffers
+                results[rank].append(({k: v.clone() for k, v in named.items()}, version, named))
         except Exception as e:  # reported by the test
             results[rank].append(e)
 
@@ -157,9 +169,14 @@ def test_gloo_transport_between_threads_versions_and_rejoin():
             t.join(30)
         for rank in (1, 2):
             assert len(results[rank]) == 2, results[rank]
-            for (named, got_version), (state, version) in zip(results[rank], sent, strict=True):
+            for (named, got_version, _), (state, version) in zip(results[rank], sent, strict=True):
                 assert got_version == version
                 assert_bit_equal(named, state)
+            # same layout twice: the second sync landed in the first one's receive buffers
+            views = [r[2] for r in results[rank]]
+            assert all(
+                views[0][k].data_ptr() == views[1][k].data_ptr() for k in views[0] if views[0][k].numel()
+            )
         assert receivers[0].version == 10 * epoch + 1
     sender.close()
     for rx in receivers:
