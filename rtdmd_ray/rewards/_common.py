@@ -40,8 +40,9 @@ def check_images(images: torch.Tensor, prompts: Sequence[str], scorer: str) -> N
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"{scorer}: images must be a float tensor [B, 3, H, W] in [0, 1], got {shape}")
     if not images.is_floating_point():
-        raise ValueError(f"{scorer}: images must be float in [0, 1] (got {images.dtype})"
-                         "; divide uint8 images by 255")
+        raise ValueError(
+            f"{scorer}: images must be float in [0, 1] (got {images.dtype}); divide uint8 images by 255"
+        )
     if len(prompts) != images.shape[0]:
         raise ValueError(f"{scorer}: {images.shape[0]} images but {len(prompts)} prompts (one per image)")
 
@@ -225,7 +226,10 @@ def find_pretrained(
     if root is not None:
         for sub in subdirs:
             d = root / sub if sub else root
-            if (d / "config.json").is_file() or (d / "preprocessor_config.json").is_file():
+            if any(
+                (d / f).is_file()
+                for f in ("config.json", "preprocessor_config.json", "tokenizer_config.json")
+            ):
                 return str(d)
     return hub_id
 

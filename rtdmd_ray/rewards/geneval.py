@@ -55,7 +55,7 @@ OBJECT_NAMES: tuple[str, ...] = (
     "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "computer mouse", "tv remote",
     "computer keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book",
     "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
-)  # fmt: skip
+)
 COLORS: tuple[str, ...] = (
     "red",
     "orange",

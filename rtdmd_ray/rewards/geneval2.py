@@ -65,7 +65,7 @@ YES_VARIANTS = ("Yes", "yes", " Yes", " yes")
 NUMBER_WORDS = {
     "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
     "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
-}  # fmt: skip
+}
 
 
 # ------------------------------------------------------------------------------------------ arithmetic
@@ -245,7 +245,7 @@ class OpenAIChatJudge:
                 {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]}],
             "max_tokens": 1, "temperature": 0.0, "logprobs": True, "top_logprobs": self.top_logprobs,
             **self.extra_body,
-        }  # fmt: skip
+        }
 
     def _post(self, body: dict[str, Any]) -> dict[str, Any]:
         data = json.dumps(body).encode()
@@ -300,16 +300,16 @@ class TransformersJudge:
     def __init__(
         self, source: str, device: str = "cpu", dtype: str = "float16", scorer: str = "geneval2"
     ) -> None:
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModelForImageTextToText
+
+        from rtdmd_ray.rewards._vlm import load_vlm_processor
 
         self.device = torch.device(device)
         model = load_or_missing(
             scorer, source, lambda s: AutoModelForImageTextToText.from_pretrained(s), option="model"
         )
         self.model = model.to(self.device).to(getattr(torch, dtype)).eval().requires_grad_(False)
-        self.processor = load_or_missing(
-            scorer, source, lambda s: AutoProcessor.from_pretrained(s), option="model"
-        )
+        self.processor = load_or_missing(scorer, source, load_vlm_processor, option="model")
         self.tokenizer = self.processor.tokenizer
 
     @torch.no_grad()
@@ -367,7 +367,7 @@ class VllmEngineJudge:
         convs = [[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,"
                                                 + base64.b64encode(png).decode()}},
-            {"type": "text", "text": text}]}] for png, text in jobs]  # fmt: skip
+            {"type": "text", "text": text}]}] for png, text in jobs]
         outs = self.llm.chat(convs, self.params, use_tqdm=False)
         return [{tid: math.exp(lp.logprob) for tid, lp in o.outputs[0].logprobs[0].items()} for o in outs]
 

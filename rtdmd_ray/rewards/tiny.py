@@ -166,3 +166,173 @@ def save_tiny_mask2former(
         size={"shortest_edge": image_px, "longest_edge": 2 * image_px}, size_divisor=32
     ).save_pretrained(path)
     return path
+
+
+QWEN_SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+# Qwen2-VL's chat layout (no default system turn): enough for the processor's image-token expansion.
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_qwen_tokenizer() -> Any:
+    """A byte-level ``Qwen2Tokenizer`` (256 byte tokens + a few merges + Qwen's special tokens)."""
+    from transformers import Qwen2Tokenizer
+
+    chars = list(_bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    merges = []
+    for word in ("ĠYes", "Ġyes", "ĠNo", "Yes", "yes", "No"):  # a few whole-word tokens
+        a = word[0]
+        for ch in word[1:]:
+            merges.append((a, ch))
+            a = a + ch
+            vocab.setdefault(a, len(vocab))
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, errors="replace")
+    tok.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL_TOKENS[1:])})
+    return tok
+
+
+def save_tiny_qwen2_vl(path: str | os.PathLike[str], *, seed: int = 0, image_px: int = 56) -> Path:
+    """Save a random tiny ``Qwen2VLForConditionalGeneration`` + ``Qwen2VLProcessor`` (tokenizer, chat
+    template, PIL image processor fixed at ``image_px`` x ``image_px`` pixels)."""
+    from transformers import (
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessorPil,
+        Qwen2VLProcessor,
+    )
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    tok = tiny_qwen_tokenizer()
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    text = dict(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=1024,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+    )
+    vision = dict(
+        depth=1,
+        embed_dim=16,
+        hidden_size=32,
+        num_heads=2,
+        mlp_ratio=2,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+    )
+    config = Qwen2VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    Qwen2VLForConditionalGeneration(config).save_pretrained(path)
+    pixels = image_px * image_px
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels)
+    # saved piecewise: ProcessorMixin.save_pretrained needs a video processor (torchvision), we have none
+    tok.chat_template = QWEN_CHAT_TEMPLATE
+    tok.save_pretrained(path)
+    image_processor.save_pretrained(path)
+    (path / "chat_template.jinja").write_text(QWEN_CHAT_TEMPLATE)
+    write_json(path / "processor_config.json", {"processor_class": Qwen2VLProcessor.__name__})
+    return path
+
+
+def tiny_bert_tokenizer() -> Any:
+    """A character-level uncased ``BertTokenizer`` (letters, digits, ``##`` continuations, BERT specials)."""
+    from transformers import BertTokenizer
+
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789"
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *("##" + c for c in chars)]
+    return BertTokenizer(vocab={t: i for i, t in enumerate(tokens)})
+
+
+def _hf_blip_vision_to_original(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of ``imagereward.blip_vision_to_hf`` (builds checkpoints in the original BLIP layout)."""
+    import re
+
+    rules = [
+        (r"^embeddings\.class_embedding$", "cls_token"),
+        (r"^embeddings\.position_embedding$", "pos_embed"),
+        (r"^embeddings\.patch_embedding\.", "patch_embed.proj."),
+        (r"^encoder\.layers\.(\d+)\.layer_norm1\.", r"blocks.\1.norm1."),
+        (r"^encoder\.layers\.(\d+)\.layer_norm2\.", r"blocks.\1.norm2."),
+        (r"^encoder\.layers\.(\d+)\.self_attn\.qkv\.", r"blocks.\1.attn.qkv."),
+        (r"^encoder\.layers\.(\d+)\.self_attn\.projection\.", r"blocks.\1.attn.proj."),
+        (r"^encoder\.layers\.(\d+)\.mlp\.", r"blocks.\1.mlp."),
+        (r"^post_layernorm\.", "norm."),
+    ]
+    out = {}
+    for k, v in sd.items():
+        for pat, rep in rules:
+            k2, n = re.subn(pat, rep, k)
+            if n:
+                out["blip.visual_encoder." + k2] = v
+                break
+    return out
+
+
+def save_tiny_imagereward(root: str | os.PathLike[str], *, seed: int = 0, image_size: int = 32) -> Path:
+    """Write ``<root>/ImageReward/{ImageReward.pt, med_config.json, bert-base-uncased/}`` for a tiny random
+    BLIP (ViT 2 layers x 32 wide, 2 heads; BERT 2 layers x 32 wide with cross-attention), in the original
+    checkpoint layout (``blip.visual_encoder.*``, ``blip.text_encoder.*``, ``mlp.layers.*``)."""
+    from transformers import BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
+
+    from rtdmd_ray.rewards.aesthetic import AestheticMLP
+
+    torch.manual_seed(seed)
+    d = Path(root) / "ImageReward"
+    d.mkdir(parents=True, exist_ok=True)
+    tok = tiny_bert_tokenizer()
+    tok.add_special_tokens({"bos_token": "[DEC]"})
+    tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+    med = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+           "max_position_embeddings": 40, "vocab_size": len(tok), "layer_norm_eps": 1e-12,
+           "hidden_act": "gelu", "encoder_width": 24, "add_cross_attention": True}
+    vision = BlipVisionModel(BlipVisionConfig(
+        hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, patch_size=8,
+        image_size=image_size, layer_norm_eps=1e-6,
+    ))
+    text_cfg = {k: v for k, v in med.items() if k not in ("encoder_width", "add_cross_attention")}
+    text_cfg.update(
+        encoder_hidden_size=24,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        sep_token_id=tok.sep_token_id,
+    )
+    text = BlipTextModel(BlipTextConfig(**text_cfg), add_pooling_layer=False)
+    sd = _hf_blip_vision_to_original(vision.state_dict())
+    sd.update({"blip.text_encoder." + k: v for k, v in text.state_dict().items()})
+    sd.update({"mlp." + k: v for k, v in AestheticMLP(32).state_dict().items()})
+    sd["blip.text_proj.weight"] = torch.zeros(4, 32)  # other BLIP parts in the file are ignored
+    torch.save(sd, d / "ImageReward.pt")
+    write_json(d / "med_config.json", med)
+    tiny_bert_tokenizer().save_pretrained(d / "bert-base-uncased")
+    return d
