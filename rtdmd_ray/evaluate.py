@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from rtdmd_ray.config import Config, ConfigError, apply_overrides, resolve_path, to_dict
+from rtdmd_ray.config import Config, ConfigError, RewardsConfig, apply_overrides, resolve_path, to_dict
 from rtdmd_ray.inference import (
     PNG_HASH_KEY,
     PNG_PROMPT_KEY,
@@ -260,22 +260,20 @@ class EvalWorker:
     first use).
 
     Args:
-        cfg: the eval config (its ``rewards`` section sets the scorers' device, checkpoints and options).
         threads: torch CPU threads (None: leave torch's default).
     """
 
-    def __init__(self, *, cfg: Config, threads: int | None = None) -> None:
+    def __init__(self, *, threads: int | None = None) -> None:
         import torch
 
         from rtdmd_ray.inference import BaseWeights
 
         if threads:
             torch.set_num_threads(threads)
-        self.cfg = cfg
         self.base = BaseWeights()
         self.pipe: Any = None
         self.row_hash = ""
-        self.scorers: dict[str, Any] = {}
+        self.scorers: dict[tuple[str, str], Any] = {}
 
     def load(self, row_cfg: Config, row_hash: str) -> dict[str, Any]:
         """Load ``row_cfg``'s model (LoRA stack merged); returns its description."""
@@ -299,11 +297,12 @@ class EvalWorker:
         ]
         return pngs, time.perf_counter() - t0
 
-    def _scorer(self, name: str) -> Any:
-        if name not in self.scorers:
+    def _scorer(self, name: str, r: RewardsConfig) -> Any:
+        """The scorer ``name`` built from the ``rewards`` section ``r`` (cached per name and settings)."""
+        key = (name, repr((r.device_for(name), r.ckpt_dir, sorted(dict(r.options.get(name, {})).items()))))
+        if key not in self.scorers:
             from rtdmd_ray.rewards import build_scorer
 
-            r = self.cfg.rewards
             device = r.device_for(name)
             if device == "auto":
                 from rtdmd_ray.inference import default_device
@@ -317,13 +316,21 @@ class EvalWorker:
                 )
                 for k, v in dict(r.options.get(name, {})).items()
             }
-            self.scorers[name] = build_scorer(name, ckpt_dir=r.ckpt_dir or None, device=device, **opts)
-        return self.scorers[name]
+            self.scorers[key] = build_scorer(name, ckpt_dir=r.ckpt_dir or None, device=device, **opts)
+        return self.scorers[key]
 
     def score(
-        self, pngs: list[bytes], prompts: list[str], metadata: list[dict[str, Any]], rewards: list[str]
+        self,
+        pngs: list[bytes],
+        prompts: list[str],
+        metadata: list[dict[str, Any]],
+        rewards: list[str],
+        rewards_cfg: RewardsConfig,
     ) -> tuple[dict[str, dict[str, list[float]]], float]:
-        """``{reward: {key: [B] floats}}`` for the decoded PNGs, and the seconds taken."""
+        """``{reward: {key: [B] floats}}`` for the decoded PNGs, and the seconds taken.
+
+        ``rewards_cfg`` (the config's ``rewards`` section) sets each scorer's device, checkpoint root, options
+        and images per call."""
         import io
 
         from PIL import Image
@@ -336,9 +343,9 @@ class EvalWorker:
         images = from_uint8(arrays)
         out: dict[str, dict[str, list[float]]] = {}
         for name in rewards:
-            scorer = self._scorer(name)
+            scorer = self._scorer(name, rewards_cfg)
             parts: dict[str, list[float]] = {}
-            for sl in chunks(len(prompts), self.cfg.rewards.batch_images.get(name)):
+            for sl in chunks(len(prompts), rewards_cfg.batch_images.get(name)):
                 res = scorer(images[sl], prompts[sl], metadata[sl])
                 if name not in res:
                     raise KeyError(f"scorer {name!r} returned keys {sorted(res)} without its own name")
@@ -553,7 +560,7 @@ def _create_workers(cfg: Config) -> Any:
         res,
         role="eval_worker",
         strategy=r.placement,
-        init_kwargs={"cfg": cfg, "threads": threads},
+        init_kwargs={"threads": threads},
     )
     group.wait_ready(timeout_s=LOAD_TIMEOUT_S)
     return group
@@ -566,8 +573,18 @@ def run_eval(
     progress: bool = True,
     ray_address: str | None = None,
     report: bool = True,
+    workers: Sequence[Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate every row of ``cfg`` (see the module docstring); returns the ``metadata.json`` content.
+
+    Args:
+        cfg: the eval config (``stage: inference``).
+        out_dir: output dir (default ``train.output_dir``).
+        progress: show progress bars (generation and scoring, per row).
+        ray_address: cluster to join when Ray is not initialised (default ``$RAY_ADDRESS``, else a local one).
+        report: also write ``report.html``.
+        workers: existing ``EvalWorker`` actor handles to use (kept alive); default: create
+            ``resources.eval_worker`` actors through ``groups.create_actor_group`` and remove them at the end.
 
     Ray starts only when there is something to generate or score (a fully resumed eval only re-aggregates);
     a cluster started here is left running for the caller's process (``ray.shutdown`` at exit).
@@ -613,15 +630,17 @@ def run_eval(
         todo_score[row.name] = [t for t in todo_score[row.name] if t[2]]
 
     group = None
-    if any(todo_gen.values()) or any(todo_score.values()):
+    if (any(todo_gen.values()) or any(todo_score.values())) and workers is None:
         _start_ray(cfg, ray_address)
         group = _create_workers(cfg)
+        workers = list(group)
     try:
         for st in states:
-            if st.row.skipped or group is None:
+            if st.row.skipped:
                 continue
-            _generate_row(group, st, todo_gen[st.row.name], progress)
-            _score_row(group, st, todo_score[st.row.name], progress)
+            _generate_row(list(workers or []), st, todo_gen[st.row.name], progress)
+            _score_row(list(workers or []), st, todo_score[st.row.name], cfg, progress)
+            _compact_records(st)
     finally:
         if group is not None:
             group.shutdown()
@@ -636,12 +655,29 @@ def run_eval(
     return metadata
 
 
-def _generate_row(group: Any, st: RowState, todo: list[tuple[PromptSet, int]], progress: bool) -> None:
+def _compact_records(st: RowState) -> None:
+    """Rewrite ``records.jsonl`` with the current scores only (stale lines of regenerated images dropped)."""
+    tmp = st.records_path.with_suffix(".jsonl.tmp")
+    seed, chash = st.row.cfg.eval.seed, st.row.config_hash
+    with tmp.open("w") as f:
+        for fname, by_reward in st.scores.items():
+            index = int(fname.rsplit("_", 1)[1].split(".")[0])
+            for reward, vals in by_reward.items():
+                rec = {"file": fname, "seed": image_seed(seed, index), "config_hash": chash, "reward": reward}
+                f.write(json.dumps({**rec, "scores": vals}) + "\n")
+    tmp.replace(st.records_path)
+
+
+def _generate_row(
+    workers: list[Any], st: RowState, todo: list[tuple[PromptSet, int]], progress: bool
+) -> None:
     if not todo:
         return
+    from rtdmd_ray.groups import gather
+
     row = st.row
-    group.map(
-        lambda a: a.load.remote(row.cfg, row.config_hash),
+    gather(
+        [w.load.remote(row.cfg, row.config_hash) for w in workers],
         timeout_s=LOAD_TIMEOUT_S,
         what=f"eval row {row.name}: load model",
     )
@@ -666,7 +702,7 @@ def _generate_row(group: Any, st: RowState, todo: list[tuple[PromptSet, int]], p
 
     try:
         run_queue(
-            list(group),
+            workers,
             _chunked(todo, row.cfg.eval.batch_images),
             submit,
             done,
@@ -677,7 +713,11 @@ def _generate_row(group: Any, st: RowState, todo: list[tuple[PromptSet, int]], p
 
 
 def _score_row(
-    group: Any, st: RowState, todo: list[tuple[PromptSet, int, tuple[str, ...]]], progress: bool
+    workers: list[Any],
+    st: RowState,
+    todo: list[tuple[PromptSet, int, tuple[str, ...]]],
+    cfg: Config,
+    progress: bool,
 ) -> None:
     if not todo:
         return
@@ -699,6 +739,7 @@ def _score_row(
             [s.records[i]["prompt"] for s, i, _ in batch],
             [dict(s.records[i]) for s, i, _ in batch],
             list(batch[0][2]),
+            cfg.rewards,
         )
 
     def done(
@@ -729,7 +770,7 @@ def _score_row(
         bar.update(len(batch))
 
     try:
-        run_queue(list(group), batches, submit, done, what=f"eval row {row.name}: score")
+        run_queue(workers, batches, submit, done, what=f"eval row {row.name}: score")
     finally:
         bar.close()
 
