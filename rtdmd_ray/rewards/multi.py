@@ -36,6 +36,7 @@ class MultiScorer:
             ``allow_unavailable`` is set.
         ckpt_dir: reward checkpoint root passed to every scorer (``None``: ``$RTDMD_REWARD_CKPT_PATH``).
         device: torch device for every scorer.
+        devices: per-reward device overrides ``{reward_name: device}``.
         batch_images: ``{reward_name: images_per_call}``; a reward not listed scores the whole batch at once.
         options: ``{reward_name: {option: value}}`` passed to that scorer's constructor.
         allow_unavailable: skip (and record in ``unavailable``) scorers whose construction fails, instead of
@@ -49,6 +50,7 @@ class MultiScorer:
         *,
         ckpt_dir: str | os.PathLike[str] | None = None,
         device: str = "cpu",
+        devices: Mapping[str, str] | None = None,
         batch_images: Mapping[str, int] | None = None,
         options: Mapping[str, Mapping[str, Any]] | None = None,
         allow_unavailable: bool = False,
@@ -59,6 +61,7 @@ class MultiScorer:
         validate_reward_names(weights)
         validate_reward_names(batch_images or {}, where="rewards.batch_images")
         validate_reward_names(options or {}, where="rewards.options")
+        validate_reward_names(devices or {}, where="rewards.devices")
         for name, bs in (batch_images or {}).items():
             if int(bs) < 1:
                 raise ValueError(f"rewards.batch_images.{name} must be >= 1, got {bs}")
@@ -72,7 +75,8 @@ class MultiScorer:
                 continue
             try:
                 self.scorers[name] = build_scorer(
-                    name, ckpt_dir=ckpt_dir, device=device, **dict((options or {}).get(name, {}))
+                    name, ckpt_dir=ckpt_dir, device=(devices or {}).get(name, device),
+                    **dict((options or {}).get(name, {})),
                 )
             except Exception as exc:
                 if not allow_unavailable:

@@ -94,6 +94,14 @@ def test_failing_factory_is_skipped_when_allowed(tmp_path, monkeypatch):
     assert set(out) == {"brightness", "mean"}
 
 
+def test_per_reward_device_and_options_reach_the_scorer():
+    opts = {"latency": {"seconds_per_batch": 0}}
+    ms = MultiScorer({"latency": 1.0}, devices={"latency": "meta"}, options=opts)
+    assert ms.scorers["latency"].device.type == "meta" and ms.scorers["latency"].seconds_per_batch == 0.0
+    with pytest.raises(UnknownReward, match="rewards.devices"):
+        MultiScorer({"latency": 1.0}, devices={"typo": "cpu"})
+
+
 def test_metadata_length_checked():
     ms = MultiScorer({"brightness": 1.0})
     with pytest.raises(ValueError, match="metadata"):
