@@ -7,8 +7,8 @@ as an FSDP learner has) and ``--receivers`` sampler actors, on a private local R
 For each adapter (ShapeWorld: the real tiny SD3 transformer + peft LoRA; SD3.5-M-sized: rank 32 on the
 8 attention projections of 24 joint blocks, hidden 1536, random tensors of those shapes) it times:
 
-* ``ours``: the driver's full sync, ``ticket = send(state, v)`` → every receiver ``recv(ticket)`` →
-  sender ``wait()``: packing, the Ray round trips carrying the manifest, the transfer and unpacking;
+* ``ours``: the driver's full sync, ``ticket = send(state, v)`` → every receiver ``recv(ticket)``
+  returned: packing, the control-plane hops carrying the manifest, the transfer and unpacking;
 * ``ours, in recv``: the seconds spent inside ``recv`` (transfer + unpack) on the slowest receiver;
 * ``raw``: one ``broadcast`` of a pre-allocated flat buffer of the same bytes on an already-formed gloo
   group, launched on all ranks at once by the driver (one Ray round trip);
@@ -214,11 +214,15 @@ def bench_adapter(
         for transport in transports:
             key = "ours" if transport == "gloo" else transport
             t0 = time.perf_counter()
-            ticket = get_all([sender.call("send", transport, it)])[0]
+            ticket = sender.call("send", transport, it)
+            if args.runner == "processes":
+                ticket = ticket.get()
+            # with Ray the receivers get the ticket's ObjectRef: Ray starts them as soon as send returned
             in_recv = get_all([r.call("recv", ticket) for r in receivers])
-            get_all([sender.call("wait", transport)])
+            elapsed = time.perf_counter() - t0  # the receivers hold the weights: the sync is done
+            get_all([sender.call("wait", transport)])  # surfaces sender-side errors; already complete
             if record:
-                times[key].append(time.perf_counter() - t0)
+                times[key].append(elapsed)
                 if key == "ours":
                     times["ours_in_recv"].append(max(in_recv))
         t0 = time.perf_counter()

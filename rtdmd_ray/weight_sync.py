@@ -4,12 +4,13 @@ Flow (the driver's view; every call is an actor method wrapping these objects)::
 
     endpoint = learner_rank0.open_weight_sync(num_receivers)       # non-blocking, publishes host:port
     [sampler_i.join_weight_sync(endpoint, rank=i + 1)]              # concurrent; forms the group
-    ticket = learner_rank0.send_weights(version)                    # packs, posts the transfer, returns
-    [sampler_i.recv_weights(ticket)]                                # each gets (named_tensors, version)
+    ticket_ref = learner_rank0.send_weights.remote(version)         # packs, posts the transfer, returns
+    [sampler_i.recv_weights.remote(ticket_ref)]                     # each gets (named_tensors, version)
 
 The ``SyncTicket`` carries the bucket manifest (names, shapes, dtypes, offsets, version) through the
 Ray control plane; only the bucket bytes go over the transport. Because ``send`` returns as soon as
-the transfer is posted, the driver code is the same for every transport.
+the transfer is posted, the driver code is the same for every transport, and the driver may pass the
+ticket's ObjectRef straight to the receivers (Ray starts them once ``send`` returned: one gather).
 
 Transports (``sync.transport``):
 

@@ -129,8 +129,9 @@ def open_and_join(learners, samplers, transport: str):
 
 
 def sync(learners, samplers, transport: str, seed: int, version: int, *, wrong_shape: bool = False):
-    ticket = ray.get(learners[0].send_weights.remote(transport, seed, version, wrong_shape))
-    return ticket, samplers.map_async(lambda s: s.recv_weights.remote(ticket))
+    """The driver's sync phase: the ticket's ObjectRef goes straight to the receivers (no extra get)."""
+    ticket_ref = learners[0].send_weights.remote(transport, seed, version, wrong_shape)
+    return ticket_ref, samplers.map_async(lambda s: s.recv_weights.remote(ticket_ref))
 
 
 def test_gloo_sync_beside_the_learners_default_group(topology):
@@ -138,8 +139,8 @@ def test_gloo_sync_beside_the_learners_default_group(topology):
     endpoint = open_and_join(learners, samplers, "gloo")
     assert endpoint.world_size == 3 and endpoint.transport == "gloo"
     for version, seed in [(1, 11), (2, 12)]:
-        ticket, recv_refs = sync(learners, samplers, "gloo", seed, version)
-        assert len(ticket.manifest.bucket_nbytes) >= 4  # several buckets
+        ticket_ref, recv_refs = sync(learners, samplers, "gloo", seed, version)
+        assert len(ray.get(ticket_ref).manifest.bucket_nbytes) >= 4  # several buckets
         # the learners use their default group while the weight transfer is in flight
         reduce_refs = learners.map_ranked_async(lambda r, a: a.allreduce.remote(float(r + 1)))
         assert gather(reduce_refs, timeout_s=TIMEOUT_S, what="allreduce") == [3.0, 3.0]
@@ -154,7 +155,8 @@ def test_gloo_sync_beside_the_learners_default_group(topology):
 def test_object_store_sync(topology):
     learners, samplers = topology
     open_and_join(learners, samplers, "object_store")
-    ticket, recv_refs = sync(learners, samplers, "object_store", seed=21, version=3)
+    ticket_ref, recv_refs = sync(learners, samplers, "object_store", seed=21, version=3)
+    ticket = ray.get(ticket_ref)
     assert len(ticket.bucket_refs) == len(ticket.manifest.bucket_nbytes) >= 4
     for named, got_version in gather(recv_refs, timeout_s=TIMEOUT_S, what="recv"):
         assert got_version == 3
@@ -182,6 +184,7 @@ def test_restarted_sampler_rejoins_a_new_group_epoch(topology):
     old = open_and_join(learners, samplers, "gloo")
     old_ticket, recv_refs = sync(learners, samplers, "gloo", seed=41, version=6)
     gather(recv_refs, timeout_s=TIMEOUT_S, what="recv")
+    old_ticket = ray.get(old_ticket)
     pid = ray.get(samplers[1].pid.remote())
     os.kill(pid, signal.SIGKILL)  # crash the sampler process this test started; Ray restarts the actor
     deadline = time.monotonic() + TIMEOUT_S
