@@ -127,7 +127,7 @@ def read_prompt_file(path: str | Path) -> list[dict[str, Any]]:
 def dataset_token(name: str) -> str:
     """File-name token of a prompt set: extension dropped, "/" and " " -> "_", other odd characters -> "_"."""
     stem = re.sub(r"\.(txt|text|jsonl|json)$", "", name.strip())
-    tok = re.sub(r"[^A-Za-z0-9._-]", "_", stem.replace("/", "_").replace(" ", "_")).strip("._")
+    tok = re.sub(r"[^A-Za-z0-9._-]", "_", stem.replace("/", "_").replace(" ", "_")).strip(".")
     return tok or "default"
 
 
