@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="verb", required=True)
     _add_config_args(sub.add_parser("validate", help="load + validate a config; exit 0 if valid"))
     _add_config_args(sub.add_parser("print-config", help="print the fully resolved config as YAML"))
+    _add_config_args(sub.add_parser("cold-start", help="Stage 1: AC-DMD distillation on a Ray learner group "
+                                                       "(resumes from train.output_dir with train.resume: auto)"))
     sub.add_parser("shapes", help="ShapeWorld: train-teacher, train-clip, eval, ... (`rtdmd-ray shapes -h`)")
     qs = sub.add_parser("quickstart", help="the embedded default: ShapeWorld end to end on this machine")
     qs.add_argument("--out", default="outputs/quickstart")
@@ -70,6 +72,13 @@ def main(argv: list[str] | None = None) -> int:
         from rtdmd_ray.config import dump_yaml
 
         print(dump_yaml(_load(args)), end="")
+        return 0
+    if args.verb == "cold-start":
+        from rtdmd_ray.learner import run_cold_start
+
+        result = run_cold_start(_load(args))
+        print(f"cold-start: iteration {result['iteration']}, checkpoint {result['checkpoint']}, "
+              f"generator LoRA {result['final_lora']}")
         return 0
     if args.verb == "quickstart":
         from rtdmd_ray.quickstart import run_quickstart
