@@ -47,8 +47,8 @@ def label_components(color_index: np.ndarray) -> np.ndarray:
     col = color_index.ravel().tolist()
     lab = [-1] * (h * w)
     n = 0
-    for start in range(h * w):
-        if col[start] == 0 or lab[start] >= 0:
+    for start in np.flatnonzero(color_index).tolist():
+        if lab[start] >= 0:
             continue
         c = col[start]
         lab[start] = n
@@ -65,37 +65,35 @@ def label_components(color_index: np.ndarray) -> np.ndarray:
 
 
 @cache
-def _templates(size_px: int) -> np.ndarray:
-    """``int32 [len(SHAPES), s, s]`` template masks and their areas."""
-    return np.stack([shape_mask(sh, size_px) for sh in SHAPES]).astype(np.int32)
+def _template_bank(side_px: int) -> tuple[np.ndarray, np.ndarray]:
+    """Kernels ``int32 [3 * 5, S, S]`` (every shape at sizes ``side - 2 .. side + 2``, top-left aligned,
+    S = side + 2) and their areas ``[15]``. The max over positions of a valid correlation then equals the max
+    over template placements, so one product scores every shape, size and position."""
+    sizes = range(max(3, side_px - 2), side_px + 3)
+    big = side_px + 2
+    k = np.zeros((len(SHAPES) * len(sizes), big, big), dtype=np.int32)
+    for i, (shape, s) in enumerate((sh, s) for sh in SHAPES for s in sizes):
+        k[i, :s, :s] = shape_mask(shape, s)
+    return k, k.sum((1, 2))
 
 
 def classify_shape(mask: np.ndarray) -> tuple[str, float]:
     """Best-IoU shape of a component mask cropped to its bbox (``bool [h, w]``): ``(shape, iou)``.
 
-    Templates of every shape at sizes ``max(h, w) - 2 .. + 2`` are tried at every placement overlapping a
-    3-px margin around the bbox (a sliding window, vectorised).
+    Templates of every shape at sizes ``max(h, w) - 2 .. + 2`` are tried at every placement overlapping the
+    component; the IoU of a placement is ``inter / (area + template_area - inter)``. Numpy only: torch's
+    thread pool stalls badly on a loaded machine for such tiny ops.
     """
     h, w = mask.shape
-    side = max(h, w)
-    pad = 3
-    size = side + 2 * pad + 2  # room for the largest template (side + 2) at every offset
-    canvas = np.zeros((size + h, size + w), dtype=np.int32)
-    canvas[size // 2:size // 2 + h, size // 2:size // 2 + w] = mask
-    area = int(mask.sum())
-    best, best_iou = "blob", 0.0
-    for s in range(max(3, side - 2), side + 3):
-        # placements whose top-left lies within `pad` of the bbox-centred placement
-        cy, cx = size // 2 + (h - s) // 2, size // 2 + (w - s) // 2
-        region = canvas[cy - pad:cy + pad + s, cx - pad:cx + pad + s]
-        windows = np.lib.stride_tricks.sliding_window_view(region, (s, s))  # [2p+1, 2p+1, s, s]
-        t = _templates(s)  # [3, s, s]
-        inter = np.einsum("ijkl,ckl->cij", windows, t).reshape(len(SHAPES), -1)
-        iou = (inter / (area + t.sum((1, 2))[:, None] - inter)).max(1)  # [3]
-        k = int(iou.argmax())
-        if iou[k] > best_iou:
-            best, best_iou = SHAPES[k], float(iou[k])
-    return best, best_iou
+    kernels, t_area = _template_bank(max(h, w))
+    big = kernels.shape[-1]
+    canvas = np.zeros((h + 2 * big, w + 2 * big), dtype=np.int32)
+    canvas[big:big + h, big:big + w] = mask
+    windows = np.lib.stride_tricks.sliding_window_view(canvas, (big, big))  # [nh, nw, S, S]
+    inter = np.einsum("ijkl,ckl->cij", windows, kernels).reshape(len(kernels), -1).max(1)  # [15]
+    iou = inter / (float(mask.sum()) + t_area - inter)
+    k = int(iou.argmax())
+    return SHAPES[k // (len(kernels) // len(SHAPES))], float(iou[k])
 
 
 def detect_objects(image_u8: np.ndarray, *, max_color_dist: float = 110.0, min_area_px: int = 15,
@@ -214,7 +212,7 @@ class ShapesGenevalScorer:
         """Objects per image of ``images [B, 3, H, W]`` in [0, 1] (resized to 32 px by area if needed)."""
         x = images.detach().float().cpu()
         if x.shape[-1] != RESOLUTION_PX or x.shape[-2] != RESOLUTION_PX:
-            x = F.interpolate(x, size=(RESOLUTION_PX, RESOLUTION_PX), mode="area")
+            x = F.adaptive_avg_pool2d(x, RESOLUTION_PX)
         u8 = (x * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
         return [detect_objects(im, max_color_dist=self.max_color_dist, min_area_px=self.min_area_px,
                                min_iou=self.min_iou) for im in u8]
