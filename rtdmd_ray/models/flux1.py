@@ -167,7 +167,7 @@ class Flux1Backbone(DiffusersBackbone):
         self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, guidance: torch.Tensor | None
     ) -> torch.Tensor:
         _, _, h, w = x.shape
-        dt = self.transformer.dtype
+        dt = self.model_dtype
         c = cast_conditioning(cond, self.device, dt)
         emb = c.tensors["prompt_embeds"]
         out = self.transformer(

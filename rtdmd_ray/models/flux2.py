@@ -197,7 +197,7 @@ class Flux2Backbone(DiffusersBackbone):
         self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, guidance: float
     ) -> torch.Tensor:
         b, _, h, w = x.shape
-        dt = self.transformer.dtype
+        dt = self.model_dtype
         emb = cast_conditioning(cond, self.device, dt).tensors["prompt_embeds"]
         g = (
             torch.full((b,), float(guidance), device=self.device, dtype=torch.float32)

@@ -144,9 +144,10 @@ class SD3Backbone(DiffusersBackbone):
         return (h // p) * (w // p)
 
     def _forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        c = cast_conditioning(cond, self.device, self.transformer.dtype)
+        dt = self.model_dtype
+        c = cast_conditioning(cond, self.device, dt)
         return self.transformer(
-            hidden_states=x.to(self.transformer.dtype),
+            hidden_states=x.to(dt),
             timestep=t,
             encoder_hidden_states=c.tensors["prompt_embeds"],
             pooled_projections=c.tensors["pooled"],
