@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="verb", required=True)
     _add_config_args(sub.add_parser("validate", help="load + validate a config; exit 0 if valid"))
     _add_config_args(sub.add_parser("print-config", help="print the fully resolved config as YAML"))
+    _add_config_args(sub.add_parser("train", help="the RTDMD RL stage (stage: rtdmd) on a Ray cluster"))
     _add_config_args(sub.add_parser("cold-start", help="Stage 1: AC-DMD distillation on a Ray learner group "
                                                        "(resumes from train.output_dir with train.resume: auto)"))
     sub.add_parser("shapes", help="ShapeWorld: train-teacher, train-clip, eval, ... (`rtdmd-ray shapes -h`)")
@@ -79,6 +80,13 @@ def main(argv: list[str] | None = None) -> int:
         result = run_cold_start(_load(args))
         print(f"cold-start: iteration {result['iteration']}, checkpoint {result['checkpoint']}, "
               f"generator LoRA {result['final_lora']}")
+        return 0
+    if args.verb == "train":
+        from rtdmd_ray.driver import train
+
+        result = train(_load(args))
+        print(f"done: {result['epochs']} epochs, policy version {result['policy_version']}, "
+              f"{result['output_dir']}")
         return 0
     if args.verb == "quickstart":
         from rtdmd_ray.quickstart import run_quickstart
