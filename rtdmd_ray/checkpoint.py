@@ -78,7 +78,8 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
     p = Path(resume)
     if not is_complete(p):
         raise FileNotFoundError(
-            f"train.resume={resume!r} is not a complete checkpoint directory (no {META} with complete: true); "
+            f"train.resume={resume!r} is not a complete checkpoint directory (no {META} with complete: "
+            "true); "
             "use auto, never, or a checkpoint-<iteration> directory"
         )
     return p
@@ -119,8 +120,9 @@ def load_rank_part(ckpt: Path, rank: int) -> tuple[dict[str, torch.Tensor], dict
 def finalize(ckpt_tmp: Path, iteration: int, meta: dict[str, Any], keep_last: int) -> Path:
     """Rank 0, after every rank wrote its part: write ``meta.json``, rename into place, rotate old ones."""
     final = ckpt_tmp.with_name(checkpoint_name(iteration))
-    write_atomic_bytes(ckpt_tmp / META, json.dumps({**meta, "iteration": iteration, "complete": True},
-                                                   indent=2).encode())
+    write_atomic_bytes(
+        ckpt_tmp / META, json.dumps({**meta, "iteration": iteration, "complete": True}, indent=2).encode()
+    )
     if final.exists():  # a re-save of the same iteration (e.g. after a resume) replaces the old one
         shutil.rmtree(final)
     os.replace(ckpt_tmp, final)

@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     _add_config_args(sub.add_parser("validate", help="load + validate a config; exit 0 if valid"))
     _add_config_args(sub.add_parser("print-config", help="print the fully resolved config as YAML"))
     _add_config_args(sub.add_parser("train", help="the RTDMD RL stage (stage: rtdmd) on a Ray cluster"))
-    _add_config_args(sub.add_parser("cold-start", help="Stage 1: AC-DMD distillation on a Ray learner group "
-                                                       "(resumes from train.output_dir with train.resume: auto)"))
+    _add_config_args(sub.add_parser(
+        "cold-start", help="Stage 1: AC-DMD distillation on a Ray learner group (resume: auto resumes)"))
     sub.add_parser("shapes", help="ShapeWorld: train-teacher, train-clip, eval, ... (`rtdmd-ray shapes -h`)")
     qs = sub.add_parser("quickstart", help="the embedded default: ShapeWorld end to end on this machine")
     qs.add_argument("--out", default="outputs/quickstart")

@@ -38,11 +38,13 @@ VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 # --------------------------------------------------------------------------------------------- prompts
 def load_prompt_records(path: str | Path) -> list[dict[str, Any]]:
-    """Prompt records from a ``.txt`` (one prompt per line) or ``.jsonl`` (objects with a ``prompt`` field)."""
+    """Prompt records from a ``.txt`` (a prompt per line) or ``.jsonl`` (objects with a ``prompt`` field)."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"prompt file {p} not found (config data.train_prompt_file / eval.prompt_file, "
-                                "relative to data.dataset_dir)")
+        raise FileNotFoundError(
+            f"prompt file {p} not found (config data.train_prompt_file / eval.prompt_file, "
+            "relative to data.dataset_dir)"
+        )
     if p.suffix == ".jsonl":
         recs = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
         bad = next((i for i, r in enumerate(recs) if "prompt" not in r), None)
@@ -67,7 +69,7 @@ def training_prompt_records(data: DataConfig) -> list[dict[str, Any]]:
 class PromptStream:
     """Epoch-shuffled prompts as a pure function of ``(seed, iteration)``: resume needs only the iteration.
 
-    Global sample ``g = iteration * prompts_per_step + j`` is ``pool[perm_e[g % n]]`` with epoch ``e = g // n``
+    Global sample ``g = iteration * prompts_per_step + j`` is ``pool[perm_e[g % n]]``, epoch ``e = g // n``
     and ``perm_e`` a permutation seeded by ``(seed, e)``.
     """
 
@@ -93,7 +95,7 @@ class PromptStream:
 
     def rank_batch(self, iteration: int, rank: int, world_size: int) -> list[dict[str, Any]]:
         per_rank = self.prompts_per_step // world_size
-        return self.global_batch(iteration)[rank * per_rank:(rank + 1) * per_rank]
+        return self.global_batch(iteration)[rank * per_rank : (rank + 1) * per_rank]
 
 
 # --------------------------------------------------------------------------------------------- sampling
@@ -170,8 +172,17 @@ class ColdStartIteration:
         resolution_px: image side of the training samples.
     """
 
-    def __init__(self, *, state: LearnerState, sampling: SamplingConfig, dmd: DMDConfig, ac_dmd: ACDMDConfig,
-                 train: TrainConfig, prompts: PromptStream, resolution_px: int):
+    def __init__(
+        self,
+        *,
+        state: LearnerState,
+        sampling: SamplingConfig,
+        dmd: DMDConfig,
+        ac_dmd: ACDMDConfig,
+        train: TrainConfig,
+        prompts: PromptStream,
+        resolution_px: int,
+    ):
         self.s, self.sampling, self.dmd, self.ac, self.train = state, sampling, dmd, ac_dmd, train
         self.prompts, self.resolution_px = prompts, resolution_px
         steps = tuple(sampling.denoising_step_list[: sampling.num_steps])
@@ -193,23 +204,35 @@ class ColdStartIteration:
 
     def _rank_slice(self, t: torch.Tensor) -> torch.Tensor:
         b = self.prompts_per_rank
-        return t[..., self.s.rank * b:(self.s.rank + 1) * b]
+        return t[..., self.s.rank * b : (self.s.rank + 1) * b]
 
     def _draw_renoise(self, sigma_s: float) -> torch.Tensor:
         """``sigma_e [B]`` for this rank: the global batch's times, drawn on the shared generator, sliced."""
         a = self.ac
-        end = 1000.0 if (not self.dmd.random_stop and a.include_terminal_without_random_stop) else a.end_timestep
+        end = (
+            1000.0
+            if (not self.dmd.random_stop and a.include_terminal_without_random_stop)
+            else a.end_timestep
+        )
         total = self.dmd.prompts_per_step
         sig = acdmd.sample_renoise_sigma(
-            torch.full((total,), sigma_s, dtype=torch.float64), offset=a.timestep_offset, end_timestep=end,
-            min_step=a.min_renoise_step, max_step=a.max_renoise_step, generator=self.s.control,
+            torch.full((total,), sigma_s, dtype=torch.float64),
+            offset=a.timestep_offset,
+            end_timestep=end,
+            min_step=a.min_renoise_step,
+            max_step=a.max_renoise_step,
+            generator=self.s.control,
         )
         return self._rank_slice(sig).to(self.s.device)
 
     def _draw_jumps(self) -> torch.Tensor:
         a = self.ac
-        jumps = acdmd.draw_jump_steps(self.dmd.prompts_per_step, a.consistency_num_steps,
-                                      a.consistency_max_jump_timesteps, generator=self.s.control)
+        jumps = acdmd.draw_jump_steps(
+            self.dmd.prompts_per_step,
+            a.consistency_num_steps,
+            a.consistency_max_jump_timesteps,
+            generator=self.s.control,
+        )
         return self._rank_slice(jumps)
 
     def _noise(self, like_shape: tuple[int, ...]) -> torch.Tensor:
@@ -221,8 +244,14 @@ class ColdStartIteration:
         if self.ac.start_mode == "next_sigma":
             return last.x_next, min(max(last.sigma_next, 0.0), 1.0)
         sigma_s = min(last.sigma_t, self.sigmas[self.ac.boundary_sigma_index])
-        x_s = cps_step(last.x_t, last.v, last.sigma_t, sigma_s, self.sampling.eta,
-                       noise=self._noise(tuple(last.x_t.shape))).sample
+        x_s = cps_step(
+            last.x_t,
+            last.v,
+            last.sigma_t,
+            sigma_s,
+            self.sampling.eta,
+            noise=self._noise(tuple(last.x_t.shape)),
+        ).sample
         return x_s, min(max(sigma_s, 0.0), 1.0)
 
     def _simulate(self, cond: Any, *, grad_last: bool) -> LastStep:
@@ -232,8 +261,15 @@ class ColdStartIteration:
         def gen_v(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
             return self.s.velocity("generator", x, sigma, cond)
 
-        return backward_simulation(gen_v, self._noise(shape), self.sigmas, k, self.sampling.eta,
-                                   grad_last=grad_last, generator=self.s.local)
+        return backward_simulation(
+            gen_v,
+            self._noise(shape),
+            self.sigmas,
+            k,
+            self.sampling.eta,
+            grad_last=grad_last,
+            generator=self.s.local,
+        )
 
     def fake_score_update(self, cond: Any) -> dict[str, float]:
         """Spec §2.4-2.5: one fake-score optimiser step on a fresh no-grad rollout."""
@@ -243,31 +279,45 @@ class ColdStartIteration:
             x_s, sigma_s = self._boundary(last)
         sigma_e = self._draw_renoise(sigma_s)
         xi = self._noise(tuple(x_s.shape))
-        x_e, target, scale = acdmd.renoise(x_s.detach(), sigma_s, sigma_e, xi, move_scale_out=a.move_scale_out)
+        x_e, target, scale = acdmd.renoise(
+            x_s.detach(), sigma_s, sigma_e, xi, move_scale_out=a.move_scale_out
+        )
 
         def fake_v(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
             return self.s.velocity("fake_score", x, sigma, cond)
 
         v = fake_v(x_e, sigma_e)
-        loss_ac = acdmd.fake_score_loss(v, target, scale, a.fake_loss_weight_min, a.fake_loss_weight_max,
-                                        move_scale_out=a.move_scale_out)
+        loss_ac = acdmd.fake_score_loss(
+            v, target, scale, a.fake_loss_weight_min, a.fake_loss_weight_max, move_scale_out=a.move_scale_out
+        )
         loss = loss_ac
         out = {"learner/fake/loss_ac": float(loss_ac.detach())}
         if a.consistency_weight > 0:
             loss_cons = acdmd.consistency_loss(
-                fake_v, x_e, sigma_e, v, eta=a.transition_eta,
-                epsilon_timestep=a.consistency_max_jump_timesteps, num_steps=a.consistency_num_steps,
-                two_sample=a.consistency_two_sample, stopgrad_transitions=a.consistency_stopgrad_transitions,
-                jump_steps=self._draw_jumps(), generator=self.s.local,
+                fake_v,
+                x_e,
+                sigma_e,
+                v,
+                eta=a.transition_eta,
+                epsilon_timestep=a.consistency_max_jump_timesteps,
+                num_steps=a.consistency_num_steps,
+                two_sample=a.consistency_two_sample,
+                stopgrad_transitions=a.consistency_stopgrad_transitions,
+                jump_steps=self._draw_jumps(),
+                generator=self.s.local,
             )
             loss = loss + a.consistency_weight * loss_cons
             out["learner/fake/loss_consistency"] = float(loss_cons.detach())
         loss.backward()
         step = self.s.optimizers["fake_score"].step()
         self.counts["fake_updates"] += 1
-        out |= {"learner/fake/loss": float(loss.detach()), "learner/fake/grad_norm": step["grad_norm"],
-                "learner/fake/lr": step["lr"], "learner/fake/stop_k": float(last.k),
-                "learner/fake/sigma_e_mean": float(sigma_e.mean())}
+        out |= {
+            "learner/fake/loss": float(loss.detach()),
+            "learner/fake/grad_norm": step["grad_norm"],
+            "learner/fake/lr": step["lr"],
+            "learner/fake/stop_k": float(last.k),
+            "learner/fake/sigma_e_mean": float(sigma_e.mean()),
+        }
         return out
 
     def generator_update(self, cond: Any, uncond: Any) -> dict[str, float]:
@@ -289,10 +339,14 @@ class ColdStartIteration:
         dmd.loss.backward()
         step = self.s.optimizers["generator"].step()
         self.counts["generator_updates"] += 1
-        out = {"learner/generator/loss_dmd": float(dmd.loss.detach()),
-               "learner/generator/dmd_grad_norm": float(dmd.grad_norm),
-               "learner/generator/grad_norm": step["grad_norm"], "learner/generator/lr": step["lr"],
-               "learner/generator/stop_k": float(last.k), "learner/generator/teacher_guidance": guidance}
+        out = {
+            "learner/generator/loss_dmd": float(dmd.loss.detach()),
+            "learner/generator/dmd_grad_norm": float(dmd.grad_norm),
+            "learner/generator/grad_norm": step["grad_norm"],
+            "learner/generator/lr": step["lr"],
+            "learner/generator/stop_k": float(last.k),
+            "learner/generator/teacher_guidance": guidance,
+        }
         if self.train.ema.update == "per_optimizer_step":
             self.s.ema_update(self.s.optimizers["generator"].steps, self.train.ema)
         return out
@@ -302,7 +356,9 @@ class ColdStartIteration:
         """Iteration ``iteration`` (0-based) on this rank; returns rank-averaged, namespaced metrics."""
         s = self.s
         if iteration != s.iteration:
-            raise RuntimeError(f"rank {s.rank} is at iteration {s.iteration} but was asked to run {iteration}")
+            raise RuntimeError(
+                f"rank {s.rank} is at iteration {s.iteration} but was asked to run {iteration}"
+            )
         sw = Stopwatch()
         recs = self.prompts.rank_batch(iteration, s.rank, s.world_size)
         with sw("timing/encode_s"):
@@ -319,7 +375,9 @@ class ColdStartIteration:
         s.iteration = iteration + 1
         metrics = s.dist.mean_scalars(metrics)  # identical key sets on every rank (same control flow)
         metrics |= sw.seconds
-        metrics |= {"learner/fake_updates": float(s.optimizers["fake_score"].steps),
-                    "learner/generator_updates": float(s.optimizers["generator"].steps),
-                    "learner/iteration": float(iteration + 1)}
+        metrics |= {
+            "learner/fake_updates": float(s.optimizers["fake_score"].steps),
+            "learner/generator_updates": float(s.optimizers["generator"].steps),
+            "learner/iteration": float(iteration + 1),
+        }
         return metrics

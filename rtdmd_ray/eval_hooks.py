@@ -28,7 +28,9 @@ from rtdmd_ray.learner_state import LearnerState
 SENTINEL = -10.0
 
 
-def eval_datasets(eval_cfg: EvalConfig, data: DataConfig) -> dict[str, tuple[list[dict[str, Any]], list[str]]]:
+def eval_datasets(
+    eval_cfg: EvalConfig, data: DataConfig
+) -> dict[str, tuple[list[dict[str, Any]], list[str]]]:
     """``{dataset name: (prompt records, reward names scored on it)}`` for the eval rewards."""
     names = list(eval_cfg.reward_weights)
     if data.kind == "shapes":
@@ -60,8 +62,16 @@ class EvalHook:
         resolution_px: image side.
     """
 
-    def __init__(self, *, state: LearnerState, eval_cfg: EvalConfig, sampling: SamplingConfig, data: DataConfig,
-                 rewards: RewardsConfig, resolution_px: int):
+    def __init__(
+        self,
+        *,
+        state: LearnerState,
+        eval_cfg: EvalConfig,
+        sampling: SamplingConfig,
+        data: DataConfig,
+        rewards: RewardsConfig,
+        resolution_px: int,
+    ):
         self.s, self.cfg, self.sampling, self.rewards = state, eval_cfg, sampling, rewards
         self.resolution_px = resolution_px
         self.datasets = eval_datasets(eval_cfg, data)
@@ -76,10 +86,20 @@ class EvalHook:
             device = self.rewards.device_for(name)
             if device == "auto":
                 device = "cuda" if self.s.device.type == "cuda" else "cpu"
-            opts = {k: (str(resolve_path(v)) if k == "model" and isinstance(v, str) and not v.count(":")
-                        and Path(resolve_path(v)).exists() else v)
-                    for k, v in dict(self.rewards.options.get(name, {})).items()}
-            self._scorers[name] = build_scorer(name, ckpt_dir=self.rewards.ckpt_dir or None, device=device, **opts)
+            opts = {
+                k: (
+                    str(resolve_path(v))
+                    if k == "model"
+                    and isinstance(v, str)
+                    and not v.count(":")
+                    and Path(resolve_path(v)).exists()
+                    else v
+                )
+                for k, v in dict(self.rewards.options.get(name, {})).items()
+            }
+            self._scorers[name] = build_scorer(
+                name, ckpt_dir=self.rewards.ckpt_dir or None, device=device, **opts
+            )
         return self._scorers[name]
 
     # ---------------------------------------------------------------- sampling
@@ -109,13 +129,13 @@ class EvalHook:
         sums: dict[str, list[float]] = {}  # key -> [sum of valid values, count]
         grid: list[torch.Tensor] = []
         with s.ema_applied(self.cfg.use_ema):
-            for ds, (recs, rewards) in self.datasets.items():
+            for recs, rewards in self.datasets.values():
                 mine = list(range(s.rank, len(recs), s.world_size))
                 per_rank = math.ceil(len(recs) / s.world_size)
                 num_batches = max(1, math.ceil(per_rank / bs))
                 padded = mine + [mine[-1] if mine else 0] * (num_batches * bs - len(mine))
                 for b in range(num_batches):
-                    idx = padded[b * bs:(b + 1) * bs]
+                    idx = padded[b * bs : (b + 1) * bs]
                     real = min(bs, max(0, len(mine) - b * bs))
                     batch = [recs[i] for i in idx]
                     images = self.sample([r["prompt"] for r in batch], idx)
@@ -124,8 +144,9 @@ class EvalHook:
                     if real == 0:
                         continue
                     for name in rewards:
-                        out = self.scorer(name)(images[:real], [r["prompt"] for r in batch[:real]],
-                                                batch[:real])
+                        out = self.scorer(name)(
+                            images[:real], [r["prompt"] for r in batch[:real]], batch[:real]
+                        )
                         for key, vals in out.items():
                             t = torch.as_tensor(vals, dtype=torch.float64).reshape(-1)
                             valid = t[t != SENTINEL]
@@ -146,7 +167,9 @@ class EvalHook:
         weights = self.cfg.reward_weights
         mains = [f"eval/{name}/{name}" for name in weights]
         if all(m in metrics for m in mains):
-            metrics["eval/mean"] = sum(float(weights[name]) * metrics[f"eval/{name}/{name}"] for name in weights)
+            metrics["eval/mean"] = sum(
+                float(weights[name]) * metrics[f"eval/{name}/{name}"] for name in weights
+            )
         if image_path is not None and s.rank == 0 and grid:
             save_grid(torch.cat(grid), image_path)
         return metrics
@@ -163,7 +186,7 @@ def save_grid(images: torch.Tensor, path: Path, columns: int = 8) -> None:
     canvas = torch.zeros(3, rows * h, columns * w)
     for i in range(n):
         r, c = divmod(i, columns)
-        canvas[:, r * h:(r + 1) * h, c * w:(c + 1) * w] = images[i]
+        canvas[:, r * h : (r + 1) * h, c * w : (c + 1) * w] = images[i]
     arr = (canvas.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(arr).resize((columns * w * 2, rows * h * 2), Image.NEAREST).save(path)

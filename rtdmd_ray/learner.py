@@ -49,12 +49,32 @@ class Learner:
         threads: intra-op CPU threads (the rank's ``cpus_per_actor``; fixed, so runs are reproducible).
     """
 
-    def __init__(self, *, model: ModelConfig, sampling: SamplingConfig, dmd: DMDConfig, ac_dmd: ACDMDConfig,
-                 solver: SolversConfig, train: TrainConfig, data: DataConfig, eval_cfg: EvalConfig,
-                 rewards: RewardsConfig, parallelism: str, rank: int, world_size: int, threads: int = 1):
+    def __init__(
+        self,
+        *,
+        model: ModelConfig,
+        sampling: SamplingConfig,
+        dmd: DMDConfig,
+        ac_dmd: ACDMDConfig,
+        solver: SolversConfig,
+        train: TrainConfig,
+        data: DataConfig,
+        eval_cfg: EvalConfig,
+        rewards: RewardsConfig,
+        parallelism: str,
+        rank: int,
+        world_size: int,
+        threads: int = 1,
+    ):
         torch.set_num_threads(max(1, threads))
         self.model, self.sampling, self.dmd, self.ac_dmd = model, sampling, dmd, ac_dmd
-        self.solver, self.train, self.data, self.eval_cfg, self.rewards = solver, train, data, eval_cfg, rewards
+        self.solver, self.train, self.data, self.eval_cfg, self.rewards = (
+            solver,
+            train,
+            data,
+            eval_cfg,
+            rewards,
+        )
         self.parallelism, self.rank, self.world_size = parallelism, rank, world_size
         self.state: Any = None
         self.iteration_fn: Any = None
@@ -66,18 +86,34 @@ class Learner:
         from rtdmd_ray.learner_state import LearnerState, to_local
 
         device = "cuda" if _has_gpu() else "cpu"
-        self.state = LearnerState(model=self.model, solver=self.solver, train=self.train,
-                                  parallelism=self.parallelism, rank=self.rank, world_size=self.world_size,
-                                  device=device)
-        prompts = PromptStream(training_prompt_records(self.data), prompts_per_step=self.dmd.prompts_per_step,
-                               seed=self.train.seed)
-        self.iteration_fn = ColdStartIteration(state=self.state, sampling=self.sampling, dmd=self.dmd,
-                                               ac_dmd=self.ac_dmd, train=self.train, prompts=prompts,
-                                               resolution_px=self.model.resolution_px)
+        self.state = LearnerState(
+            model=self.model,
+            solver=self.solver,
+            train=self.train,
+            parallelism=self.parallelism,
+            rank=self.rank,
+            world_size=self.world_size,
+            device=device,
+        )
+        prompts = PromptStream(
+            training_prompt_records(self.data),
+            prompts_per_step=self.dmd.prompts_per_step,
+            seed=self.train.seed,
+        )
+        self.iteration_fn = ColdStartIteration(
+            state=self.state,
+            sampling=self.sampling,
+            dmd=self.dmd,
+            ac_dmd=self.ac_dmd,
+            train=self.train,
+            prompts=prompts,
+            resolution_px=self.model.resolution_px,
+        )
         t = self.state.transformer
         return {
-            "trainable_params": {r: sum(to_local(p).numel() for p in o.params)
-                                 for r, o in self.state.optimizers.items()},
+            "trainable_params": {
+                r: sum(to_local(p).numel() for p in o.params) for r, o in self.state.optimizers.items()
+            },
             "frozen_params": sum(to_local(p).numel() for p in t.parameters() if not p.requires_grad),
             "device": device,
             "sigmas": self.iteration_fn.sigmas,
@@ -85,7 +121,7 @@ class Learner:
 
     # ------------------------------------------------------------------ training
     def run_cold_start(self, start_iteration: int, num_iterations: int) -> list[dict[str, float]]:
-        """Run iterations ``start_iteration .. start_iteration + num_iterations - 1``; per-iteration metrics."""
+        """Run ``num_iterations`` iterations from ``start_iteration``; returns per-iteration metrics."""
         out = []
         for it in range(start_iteration, start_iteration + num_iterations):
             t0 = time.perf_counter()
@@ -99,8 +135,14 @@ class Learner:
         if self.eval_hook is None:
             from rtdmd_ray.eval_hooks import EvalHook
 
-            self.eval_hook = EvalHook(state=self.state, eval_cfg=self.eval_cfg, sampling=self.sampling,
-                                      data=self.data, rewards=self.rewards, resolution_px=self.model.resolution_px)
+            self.eval_hook = EvalHook(
+                state=self.state,
+                eval_cfg=self.eval_cfg,
+                sampling=self.sampling,
+                data=self.data,
+                rewards=self.rewards,
+                resolution_px=self.model.resolution_px,
+            )
         t0 = time.perf_counter()
         metrics = self.eval_hook.run(Path(image_path) if image_path else None)
         metrics["timing/eval_s"] = time.perf_counter() - t0
@@ -108,7 +150,7 @@ class Learner:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, output_dir: str, keep_last: int) -> str:
-        """Every rank writes its part into ``checkpoint-<it>.tmp``; rank 0 adds the full LoRAs and finalises."""
+        """Every rank writes its part into ``checkpoint-<it>.tmp``; rank 0 adds full LoRAs and finalises."""
         from rtdmd_ray.learner_state import ROLES
         from rtdmd_ray.models.lora import save_lora, save_peft_dir
 
@@ -127,21 +169,43 @@ class Learner:
         if self.rank == 0:
             lora_cfg = {role: getattr(self.model, f"{role}_lora") for role in ROLES}
             for role, tensors in loras.items():
-                save_lora(tmp / f"{role}.safetensors", tensors, rank=lora_cfg[role].rank,
-                          alpha=lora_cfg[role].alpha, target_modules=self.model.lora_targets(role),
-                          family=s.backbone.family)
+                save_lora(
+                    tmp / f"{role}.safetensors",
+                    tensors,
+                    rank=lora_cfg[role].rank,
+                    alpha=lora_cfg[role].alpha,
+                    target_modules=self.model.lora_targets(role),
+                    family=s.backbone.family,
+                )
             export = ema if ema is not None else loras["generator"]
             gl = lora_cfg["generator"]
             if ema is not None:
-                save_lora(tmp / "generator_ema.safetensors", ema, rank=gl.rank, alpha=gl.alpha,
-                          target_modules=self.model.lora_targets("generator"), family=s.backbone.family)
-            save_peft_dir(tmp / "transformer", export, rank=gl.rank, alpha=gl.alpha,
-                          target_modules=list(self.model.lora_targets("generator")), init=gl.init)
-            meta = {"world_size": self.world_size, "parallelism": self.parallelism, "stage": "cold_start",
-                    "backbone": self.model.backbone, "seed": self.train.seed,
-                    "fake_updates": s.optimizers["fake_score"].steps,
-                    "generator_updates": s.optimizers["generator"].steps,
-                    "prompts_consumed": it * self.dmd.prompts_per_step}
+                save_lora(
+                    tmp / "generator_ema.safetensors",
+                    ema,
+                    rank=gl.rank,
+                    alpha=gl.alpha,
+                    target_modules=self.model.lora_targets("generator"),
+                    family=s.backbone.family,
+                )
+            save_peft_dir(
+                tmp / "transformer",
+                export,
+                rank=gl.rank,
+                alpha=gl.alpha,
+                target_modules=list(self.model.lora_targets("generator")),
+                init=gl.init,
+            )
+            meta = {
+                "world_size": self.world_size,
+                "parallelism": self.parallelism,
+                "stage": "cold_start",
+                "backbone": self.model.backbone,
+                "seed": self.train.seed,
+                "fake_updates": s.optimizers["fake_score"].steps,
+                "generator_updates": s.optimizers["generator"].steps,
+                "prompts_consumed": it * self.dmd.prompts_per_step,
+            }
             ckpt.finalize(tmp, it, meta, keep_last)
         s.dist.barrier()
         return str(final)
@@ -165,8 +229,13 @@ class Learner:
         from rtdmd_ray.learner_state import to_local
 
         with torch.no_grad():
-            return float(sum(to_local(p).double().abs().sum() for p in self.state.transformer.parameters()
-                             if not p.requires_grad))
+            return float(
+                sum(
+                    to_local(p).double().abs().sum()
+                    for p in self.state.transformer.parameters()
+                    if not p.requires_grad
+                )
+            )
 
     def update_counts(self) -> dict[str, int]:
         return {role: o.steps for role, o in self.state.optimizers.items()}
@@ -186,48 +255,77 @@ class LearnerGroup:
         from rtdmd_ray.groups import RoleResources, create_learner_group
 
         r = cfg.resources.learner
-        res = RoleResources(count=r.count, cpus_per_actor=r.cpus_per_actor, gpus_per_actor=r.gpus_per_actor,
-                            max_restarts=r.max_restarts, max_task_retries=r.max_task_retries)
+        res = RoleResources(
+            count=r.count,
+            cpus_per_actor=r.cpus_per_actor,
+            gpus_per_actor=r.gpus_per_actor,
+            max_restarts=r.max_restarts,
+            max_task_retries=r.max_task_retries,
+        )
         threads = max(1, int(r.cpus_per_actor))
 
         def kwargs(rank: int) -> dict[str, Any]:
-            return {"model": cfg.model, "sampling": cfg.sampling, "dmd": cfg.dmd, "ac_dmd": cfg.ac_dmd,
-                    "solver": cfg.solver, "train": cfg.train, "data": cfg.data, "eval_cfg": cfg.eval,
-                    "rewards": cfg.rewards, "parallelism": cfg.resources.learner_parallelism, "rank": rank,
-                    "world_size": r.count, "threads": threads}
+            return {
+                "model": cfg.model,
+                "sampling": cfg.sampling,
+                "dmd": cfg.dmd,
+                "ac_dmd": cfg.ac_dmd,
+                "solver": cfg.solver,
+                "train": cfg.train,
+                "data": cfg.data,
+                "eval_cfg": cfg.eval,
+                "rewards": cfg.rewards,
+                "parallelism": cfg.resources.learner_parallelism,
+                "rank": rank,
+                "world_size": r.count,
+                "threads": threads,
+            }
 
         self.timeout_s = timeout_s
-        self.group, self.dist_info = create_learner_group(Learner, res, init_kwargs=kwargs, strategy=r.placement,
-                                                          timeout_s=min(timeout_s, 300.0))
+        self.group, self.dist_info = create_learner_group(
+            Learner, res, init_kwargs=kwargs, strategy=r.placement, timeout_s=min(timeout_s, 300.0)
+        )
         try:
-            self.info = self.group.map(lambda a: a.setup.remote(), timeout_s=timeout_s, what="learner setup")[0]
+            self.info = self.group.map(lambda a: a.setup.remote(), timeout_s=timeout_s, what="learner setup")[
+                0
+            ]
         except BaseException:
             self.group.shutdown()
             raise
 
     def run_cold_start(self, start_iteration: int, num_iterations: int) -> list[dict[str, float]]:
         """Rank 0's per-iteration metrics (already rank-averaged)."""
-        return self.group.map(lambda a: a.run_cold_start.remote(start_iteration, num_iterations),
-                              timeout_s=self.timeout_s, what="cold-start iterations")[0]
+        return self.group.map(
+            lambda a: a.run_cold_start.remote(start_iteration, num_iterations),
+            timeout_s=self.timeout_s,
+            what="cold-start iterations",
+        )[0]
 
     def evaluate(self, image_path: str | None = None) -> dict[str, float]:
-        return self.group.map(lambda a: a.evaluate.remote(image_path), timeout_s=self.timeout_s,
-                              what="eval")[0]
+        return self.group.map(lambda a: a.evaluate.remote(image_path), timeout_s=self.timeout_s, what="eval")[
+            0
+        ]
 
     def save_checkpoint(self, output_dir: str, keep_last: int) -> str:
-        return self.group.map(lambda a: a.save_checkpoint.remote(output_dir, keep_last),
-                              timeout_s=self.timeout_s, what="save checkpoint")[0]
+        return self.group.map(
+            lambda a: a.save_checkpoint.remote(output_dir, keep_last),
+            timeout_s=self.timeout_s,
+            what="save checkpoint",
+        )[0]
 
     def load_checkpoint(self, path: str) -> int:
-        its = self.group.map(lambda a: a.load_checkpoint.remote(path), timeout_s=self.timeout_s,
-                             what="load checkpoint")
+        its = self.group.map(
+            lambda a: a.load_checkpoint.remote(path), timeout_s=self.timeout_s, what="load checkpoint"
+        )
         if len(set(its)) != 1:
             raise RuntimeError(f"learner ranks resumed at different iterations {its} from {path}")
         return its[0]
 
     def call(self, method: str, *args: Any) -> list[Any]:
         """Every rank's result of ``method(*args)`` (inspection helpers: lora, frozen_checksum, ...)."""
-        return self.group.map(lambda a: getattr(a, method).remote(*args), timeout_s=self.timeout_s, what=method)
+        return self.group.map(
+            lambda a: getattr(a, method).remote(*args), timeout_s=self.timeout_s, what=method
+        )
 
     def shutdown(self) -> None:
         self.group.shutdown()
@@ -237,8 +335,10 @@ class LearnerGroup:
 def check_cold_start_config(cfg: Config) -> Config:
     """Validate before any actor starts (the numbers are in the message); returns the config."""
     if cfg.stage != "cold_start":
-        raise ConfigError(f"stage={cfg.stage!r}: rtdmd-ray cold-start needs stage: cold_start "
-                          "(set it in the YAML or pass stage=cold_start)")
+        raise ConfigError(
+            f"stage={cfg.stage!r}: rtdmd-ray cold-start needs stage: cold_start "
+            "(set it in the YAML or pass stage=cold_start)"
+        )
     cfg.validate()
     return cfg
 
@@ -276,17 +376,28 @@ def run_cold_start(cfg: Config, *, ray_address: str | None = None) -> dict[str, 
     if not ray.is_initialized():
         address = ray_address or os.environ.get("RAY_ADDRESS") or "local"
         need = cfg.resources.learner.count * cfg.resources.learner.cpus_per_actor
-        ray.init(address=address, include_dashboard=False, log_to_driver=True,
-                 **({"num_cpus": max(math.ceil(need), os.cpu_count() or 1)} if address == "local" else {}))
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            log_to_driver=True,
+            **({"num_cpus": max(math.ceil(need), os.cpu_count() or 1)} if address == "local" else {}),
+        )
 
     logger = None
     group = LearnerGroup(cfg)
     try:
         start = group.load_checkpoint(str(resume_from)) if resume_from else 0
-        logger = MetricsLogger(cfg=cfg.logging, output_dir=out, total_iterations=t.iterations,
-                               start_iteration=start, run_config=to_dict(cfg))
+        logger = MetricsLogger(
+            cfg=cfg.logging,
+            output_dir=out,
+            total_iterations=t.iterations,
+            start_iteration=start,
+            run_config=to_dict(cfg),
+        )
         logger.write(f"cold-start: {cfg.summary()}")
-        logger.write(f"learner: {group.info} ({'resumed from ' + str(resume_from) if resume_from else 'fresh'})")
+        logger.write(
+            f"learner: {group.info} ({'resumed from ' + str(resume_from) if resume_from else 'fresh'})"
+        )
         it, last_metrics, last_eval, last_ckpt = start, {}, {}, None
         eval_every = cfg.eval.every_iterations if cfg.eval.enabled else 0
         evaluated_at = -1
@@ -297,7 +408,9 @@ def run_cold_start(cfg: Config, *, ray_address: str | None = None) -> dict[str, 
                 logger.log(it, last_eval)
             if it >= t.iterations:
                 break
-            stop = _next_boundary(it, t.iterations, t.log_every_iterations, t.save_every_iterations, eval_every)
+            stop = _next_boundary(
+                it, t.iterations, t.log_every_iterations, t.save_every_iterations, eval_every
+            )
             chunk = group.run_cold_start(it, stop - it)
             for j, m in enumerate(chunk):
                 if (it + j + 1) % t.log_every_iterations == 0 or it + j + 1 == stop:
@@ -319,9 +432,14 @@ def run_cold_start(cfg: Config, *, ray_address: str | None = None) -> dict[str, 
                 shutil.rmtree(final_lora)
             shutil.copytree(Path(last_ckpt) / "transformer", final_lora)
             logger.write(f"final generator LoRA ({'EMA' if cfg.train.ema.enabled else 'live'}): {final_lora}")
-        return {"output_dir": str(out), "iteration": it, "checkpoint": last_ckpt,
-                "final_lora": str(final_lora) if final_lora else None, "metrics": last_metrics,
-                "eval": last_eval}
+        return {
+            "output_dir": str(out),
+            "iteration": it,
+            "checkpoint": last_ckpt,
+            "final_lora": str(final_lora) if final_lora else None,
+            "metrics": last_metrics,
+            "eval": last_eval,
+        }
     finally:
         if logger is not None:
             logger.close()

@@ -70,8 +70,9 @@ def local_like(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
         return local
     from torch.distributed.tensor import DTensor
 
-    return DTensor.from_local(local.to(param.device), param.device_mesh, param.placements,
-                              shape=param.shape, stride=param.stride())
+    return DTensor.from_local(
+        local.to(param.device), param.device_mesh, param.placements, shape=param.shape, stride=param.stride()
+    )
 
 
 class DistContext:
@@ -97,7 +98,7 @@ class DistContext:
         offset = 0
         for t in tensors:
             n = t.numel()
-            t.copy_(flat[offset:offset + n].view_as(t).to(t.dtype))
+            t.copy_(flat[offset : offset + n].view_as(t).to(t.dtype))
             offset += n
 
     @torch.no_grad()
@@ -169,8 +170,10 @@ class RoleOptimizer:
     # ---------------------------------------------------------------- state (rank-local tensors)
     def state_dict(self) -> dict[str, Any]:
         sd = self.optimizer.state_dict()
-        state = {i: {k: (to_local(v).detach().clone() if torch.is_tensor(v) else v) for k, v in s.items()}
-                 for i, s in sd["state"].items()}
+        state = {
+            i: {k: (to_local(v).detach().clone() if torch.is_tensor(v) else v) for k, v in s.items()}
+            for i, s in sd["state"].items()
+        }
         return {"optimizer": {"state": state, "param_groups": sd["param_groups"]}, "steps": self.steps}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -179,8 +182,14 @@ class RoleOptimizer:
         for i, s in sd["optimizer"]["state"].items():
             p = params[int(i)]
             # Adam's scalar `step` stays a plain tensor; moments take the parameter's (DTensor) layout
-            state[int(i)] = {k: (local_like(v, p) if torch.is_tensor(v) and v.shape == to_local(p).shape
-                                 and v.ndim > 0 else v) for k, v in s.items()}
+            state[int(i)] = {
+                k: (
+                    local_like(v, p)
+                    if torch.is_tensor(v) and v.shape == to_local(p).shape and v.ndim > 0
+                    else v
+                )
+                for k, v in s.items()
+            }
         self.optimizer.load_state_dict({"state": state, "param_groups": sd["optimizer"]["param_groups"]})
         self.steps = int(sd["steps"])
 
@@ -224,19 +233,36 @@ class LearnerState:
         self.autocast_dtype = TORCH_DTYPES[train.autocast_dtype]
 
         # identical seeds on every rank: every rank builds the same base and the same adapter init
-        self.backbone = build_backbone(model.backbone, pretrained_path=model.pretrained_path or None,
-                                       dtype=model.dtype, device=self.device, seed=train.seed)
+        self.backbone = build_backbone(
+            model.backbone,
+            pretrained_path=model.pretrained_path or None,
+            dtype=model.dtype,
+            device=self.device,
+            seed=train.seed,
+        )
         t = self.backbone.transformer
         for i, role in enumerate(ROLES):
             lora: LoRAConfig = getattr(model, f"{role}_lora")
             if not lora.enabled:
-                raise ValueError(f"model.{role}_lora.enabled is false: full fine-tuning is not implemented; "
-                                 "the learner trains LoRA adapters")
+                raise ValueError(
+                    f"model.{role}_lora.enabled is false: full fine-tuning is not implemented; "
+                    "the learner trains LoRA adapters"
+                )
             if lora.merge_before_training:
-                raise ValueError(f"model.{role}_lora.merge_before_training is an RL-stage option; the cold "
-                                 "start trains the adapter directly: set it to false")
-            add_lora(t, role, family=self.backbone.family, targets=model.lora_targets(role),
-                     rank=lora.rank, alpha=lora.alpha, init=lora.init, seed=train.seed + 1 + i)
+                raise ValueError(
+                    f"model.{role}_lora.merge_before_training is an RL-stage option; the cold "
+                    "start trains the adapter directly: set it to false"
+                )
+            add_lora(
+                t,
+                role,
+                family=self.backbone.family,
+                targets=model.lora_targets(role),
+                rank=lora.rank,
+                alpha=lora.alpha,
+                init=lora.init,
+                seed=train.seed + 1 + i,
+            )
             if lora.load_path:
                 lf = load_lora_file(lora.load_path, rank=lora.rank, alpha=lora.alpha)
                 load_lora_state(t, role, lf.tensors, strict=lora.load_strict)
@@ -257,10 +283,16 @@ class LearnerState:
         for role in ROLES:
             sv: SolverConfig = getattr(solver, role)
             named = [(n, p) for n, p in t.named_parameters() if p.requires_grad and f".{role}." in n]
-            opt = torch.optim.AdamW([p for _, p in named], lr=sv.lr, betas=(sv.beta1, sv.beta2), eps=sv.eps,
-                                    weight_decay=sv.weight_decay)
-            self.optimizers[role] = RoleOptimizer(role, named, opt, sv, self.dist,
-                                                  average_grads=parallelism == "ddp")
+            opt = torch.optim.AdamW(
+                [p for _, p in named],
+                lr=sv.lr,
+                betas=(sv.beta1, sv.beta2),
+                eps=sv.eps,
+                weight_decay=sv.weight_decay,
+            )
+            self.optimizers[role] = RoleOptimizer(
+                role, named, opt, sv, self.dist, average_grads=parallelism == "ddp"
+            )
         self.ema: EMA | None = None
         if train.ema.enabled:
             self.ema = EMA(self.ema_named_params())
@@ -289,8 +321,15 @@ class LearnerState:
             yield n, to_local(p)
 
     # ---------------------------------------------------------------- forward passes
-    def velocity(self, adapters: str | None, x: torch.Tensor, sigma: torch.Tensor, cond: Any,
-                 guidance: float = 1.0, uncond: Any = None) -> torch.Tensor:
+    def velocity(
+        self,
+        adapters: str | None,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        cond: Any,
+        guidance: float = 1.0,
+        uncond: Any = None,
+    ) -> torch.Tensor:
         """``v [B, C, H, W]`` of the role ``adapters`` ("generator", "fake_score" or None = the teacher)."""
         enabled = self.autocast_dtype != torch.float32
         if x.shape[0] != cond.batch_size and x.shape[0] % cond.batch_size == 0:
@@ -298,8 +337,10 @@ class LearnerState:
             reps = x.shape[0] // cond.batch_size
             cond = type(cond).cat([cond] * reps)
             uncond = type(uncond).cat([uncond] * reps) if uncond is not None else None
-        with use_adapters(self.transformer, adapters), \
-                torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=enabled):
+        with (
+            use_adapters(self.transformer, adapters),
+            torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=enabled),
+        ):
             v = self.backbone.velocity(x, sigma, cond, guidance=guidance, uncond=uncond)
         return v.float()
 
@@ -361,8 +402,11 @@ class LearnerState:
         """Optimiser states, RNG states and counters (plain tensors/containers: ``weights_only`` loadable)."""
         return {
             "optimizers": {role: ro.state_dict() for role, ro in self.optimizers.items()},
-            "rng": {"control": self.control.get_state(), "local": self.local.get_state(),
-                    "torch_cpu": torch.get_rng_state()},
+            "rng": {
+                "control": self.control.get_state(),
+                "local": self.local.get_state(),
+                "torch_cpu": torch.get_rng_state(),
+            },
             "ema_num_updates": self.ema.num_updates if self.ema is not None else 0,
             "iteration": self.iteration,
             "rank": self.rank,
@@ -376,16 +420,21 @@ class LearnerState:
         if aux["world_size"] != self.world_size or aux["parallelism"] != self.parallelism:
             raise ValueError(
                 f"checkpoint was written by {aux['world_size']} {aux['parallelism']} ranks; this run has "
-                f"{self.world_size} {self.parallelism} ranks: resume with the same resources.learner.count and "
+                f"{self.world_size} {self.parallelism} ranks: resume with the same "
+                "resources.learner.count and "
                 "resources.learner_parallelism"
             )
         for role, ro in self.optimizers.items():
             for n, p in ro.named_params:
                 to_local(p).copy_(tensors[f"{role}/{n}"])
         if self.ema is not None:
-            self.ema.load_state_dict({"names": list(self.ema.names),
-                                      "shadow": {n: tensors[f"ema/{n}"] for n in self.ema.names},
-                                      "num_updates": aux["ema_num_updates"]})
+            self.ema.load_state_dict(
+                {
+                    "names": list(self.ema.names),
+                    "shadow": {n: tensors[f"ema/{n}"] for n in self.ema.names},
+                    "num_updates": aux["ema_num_updates"],
+                }
+            )
         for role, ro in self.optimizers.items():
             ro.load_state_dict(aux["optimizers"][role])
         self.control.set_state(aux["rng"]["control"])

@@ -1,4 +1,4 @@
-"""Metrics sinks of the driver: stdout lines, a jsonl file, wandb (offline works with no network), a progress bar.
+"""Metrics sinks of the driver: stdout lines, a jsonl file, wandb (offline needs no network), a progress bar.
 
 Keys are namespaced (``learner/...``, ``eval/<reward>/...``, ``timing/<phase>_s``); every record also has
 ``iteration`` and ``time_s`` (seconds since the logger started).
@@ -42,8 +42,15 @@ class MetricsLogger:
         run_config: the resolved config as a plain dict (recorded by wandb).
     """
 
-    def __init__(self, *, cfg: LoggingConfig, output_dir: str | Path, total_iterations: int,
-                 start_iteration: int = 0, run_config: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        *,
+        cfg: LoggingConfig,
+        output_dir: str | Path,
+        total_iterations: int,
+        start_iteration: int = 0,
+        run_config: dict[str, Any] | None = None,
+    ):
         self.cfg = cfg
         self.out = Path(output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -54,19 +61,35 @@ class MetricsLogger:
         if cfg.stdout:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_iterations, initial=start_iteration, desc="cold-start", unit="it",
-                            dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
+            self.bar = tqdm(
+                total=total_iterations,
+                initial=start_iteration,
+                desc="cold-start",
+                unit="it",
+                dynamic_ncols=True,
+                file=sys.stderr,
+                mininterval=1.0,
+            )
 
     def _start_wandb(self, run_config: dict[str, Any] | None) -> Any:
         try:
             import wandb
         except ImportError:
-            warnings.warn(f"logging.wandb={self.cfg.wandb} but wandb is not installed: pip install wandb, or "
-                          "set logging.wandb: disabled", stacklevel=2)
+            warnings.warn(
+                f"logging.wandb={self.cfg.wandb} but wandb is not installed: pip install wandb, or "
+                "set logging.wandb: disabled",
+                stacklevel=2,
+            )
             return None
-        return wandb.init(project=self.cfg.project, name=self.cfg.run_name or self.out.name,
-                          tags=list(self.cfg.tags), mode=self.cfg.wandb, dir=str(self.out),
-                          config=run_config or {}, reinit="finish_previous")
+        return wandb.init(
+            project=self.cfg.project,
+            name=self.cfg.run_name or self.out.name,
+            tags=list(self.cfg.tags),
+            mode=self.cfg.wandb,
+            dir=str(self.out),
+            config=run_config or {},
+            reinit="finish_previous",
+        )
 
     def log(self, iteration: int, metrics: dict[str, float], *, echo: bool = True) -> None:
         """Record ``metrics`` at ``iteration`` in every sink (stdout only when ``echo``)."""
@@ -93,7 +116,9 @@ class MetricsLogger:
         if self.bar is None:
             return
         if metrics:
-            self.bar.set_postfix({s: _fmt(metrics[k]) for k, s in _SHORT.items() if k in metrics}, refresh=False)
+            self.bar.set_postfix(
+                {s: _fmt(metrics[k]) for k, s in _SHORT.items() if k in metrics}, refresh=False
+            )
         self.bar.update(n)
 
     def close(self) -> None:

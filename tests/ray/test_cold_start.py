@@ -24,12 +24,23 @@ N = 2  # iterations per half; fake_update_ratio 2 -> 1 generator update per half
 
 
 def _cfg(out: Path, *extra: str):
-    return load_config(REPO / "configs/debug/tiny_sd3.yaml", [
-        "stage=cold_start", f"train.output_dir={out}", f"train.iterations={2 * N}",
-        f"train.save_every_iterations={N}", "train.keep_last_checkpoints=5", "dmd.prompts_per_step=4",
-        "dmd.fake_update_ratio=2", "resources.learner.count=2", "resources.learner.cpus_per_actor=1",
-        "logging.wandb=disabled", "logging.stdout=false", *extra,
-    ])
+    return load_config(
+        REPO / "configs/debug/tiny_sd3.yaml",
+        [
+            "stage=cold_start",
+            f"train.output_dir={out}",
+            f"train.iterations={2 * N}",
+            f"train.save_every_iterations={N}",
+            "train.keep_last_checkpoints=5",
+            "dmd.prompts_per_step=4",
+            "dmd.fake_update_ratio=2",
+            "resources.learner.count=2",
+            "resources.learner.cpus_per_actor=1",
+            "logging.wandb=disabled",
+            "logging.stdout=false",
+            *extra,
+        ],
+    )
 
 
 def _state(group) -> dict[str, torch.Tensor]:
@@ -88,8 +99,11 @@ def test_two_ranks_train_kill_and_resume_bit_exact(ray_local, tmp_path):
 
     latest = ckpt.latest_checkpoint(resumed_dir)
     assert latest is not None and latest.name == ckpt.checkpoint_name(2 * N)
-    for role, prefix in (("generator", "generator/"), ("fake_score", "fake_score/"),
-                         ("generator_ema", "ema/")):
+    for role, prefix in (
+        ("generator", "generator/"),
+        ("fake_score", "fake_score/"),
+        ("generator_ema", "ema/"),
+    ):
         resumed = load_lora_file(latest / f"{role}.safetensors").tensors
         for k, v in resumed.items():
             assert torch.equal(v, final[prefix + k]), f"{role} {k} differs after resume"
@@ -100,11 +114,16 @@ def test_two_ranks_train_kill_and_resume_bit_exact(ray_local, tmp_path):
 def test_batch_not_divisible_by_world_size_fails_before_any_actor(ray_local, tmp_path, monkeypatch):
     from rtdmd_ray import learner
 
-    with pytest.raises(ConfigError, match=r"dmd.prompts_per_step=3 is not divisible by resources.learner.count=2"):
+    with pytest.raises(
+        ConfigError, match=r"dmd.prompts_per_step=3 is not divisible by resources.learner.count=2"
+    ):
         _cfg(tmp_path, "dmd.prompts_per_step=3")
     # a config that skipped validation is re-checked by the driver before the group is created
-    bad = load_config(REPO / "configs/debug/tiny_sd3.yaml",
-                      ["stage=cold_start", "dmd.prompts_per_step=3", "resources.learner.count=2"], validate=False)
+    bad = load_config(
+        REPO / "configs/debug/tiny_sd3.yaml",
+        ["stage=cold_start", "dmd.prompts_per_step=3", "resources.learner.count=2"],
+        validate=False,
+    )
 
     def no_actors(*args, **kwargs):
         raise AssertionError("a learner actor was started for an invalid config")

@@ -17,11 +17,17 @@ UNUSED_LORA = "transformer_blocks.1.attn.add_q_proj."
 
 
 def _cfg(*extra: str):
-    return load_config(REPO / "configs/debug/tiny_sd3.yaml", [
-        "stage=cold_start", "resources.learner.count=1", "dmd.prompts_per_step=2", "dmd.fake_update_ratio=2",
-        "train.ema.warmup=false",
-        *extra,
-    ])
+    return load_config(
+        REPO / "configs/debug/tiny_sd3.yaml",
+        [
+            "stage=cold_start",
+            "resources.learner.count=1",
+            "dmd.prompts_per_step=2",
+            "dmd.fake_update_ratio=2",
+            "train.ema.warmup=false",
+            *extra,
+        ],
+    )
 
 
 def _rank(cfg):
@@ -29,10 +35,20 @@ def _rank(cfg):
 
     torch.set_num_threads(1)
     state = LearnerState(model=cfg.model, solver=cfg.solver, train=cfg.train, parallelism="ddp")
-    prompts = PromptStream([{"prompt": p} for p in cfg.data.prompts], prompts_per_step=cfg.dmd.prompts_per_step,
-                           seed=cfg.train.seed)
-    it = ColdStartIteration(state=state, sampling=cfg.sampling, dmd=cfg.dmd, ac_dmd=cfg.ac_dmd, train=cfg.train,
-                            prompts=prompts, resolution_px=cfg.model.resolution_px)
+    prompts = PromptStream(
+        [{"prompt": p} for p in cfg.data.prompts],
+        prompts_per_step=cfg.dmd.prompts_per_step,
+        seed=cfg.train.seed,
+    )
+    it = ColdStartIteration(
+        state=state,
+        sampling=cfg.sampling,
+        dmd=cfg.dmd,
+        ac_dmd=cfg.ac_dmd,
+        train=cfg.train,
+        prompts=prompts,
+        resolution_px=cfg.model.resolution_px,
+    )
     return state, it
 
 
@@ -48,7 +64,9 @@ def test_backward_simulation_gradient_only_through_last_step():
     assert torch.allclose(w.grad, (-0.25 * last.x_t).sum(), atol=1e-6)
     assert not last.x_t.requires_grad
     with torch.no_grad():
-        none = backward_simulation(lambda x, s: w * x, x0, sigmas, 4, eta=0.9, grad_last=False, generator=None)
+        none = backward_simulation(
+            lambda x, s: w * x, x0, sigmas, 4, eta=0.9, grad_last=False, generator=None
+        )
     assert none.sigma_next == 0.0 and not none.x_next.requires_grad
     assert torch.allclose(none.x_next, none.x0)  # the last step lands on x0_hat
     with pytest.raises(ValueError, match="stop k=5"):
@@ -63,7 +81,7 @@ def test_prompt_stream_is_a_pure_function_of_iteration_and_slices_partition():
     # every epoch of 5 prompts shows each prompt once
     flat = [r["prompt"] for i in range(5) for r in a.global_batch(i)]
     for e in range(4):
-        assert sorted(flat[5 * e:5 * e + 5]) == [f"p{i}" for i in range(5)]
+        assert sorted(flat[5 * e : 5 * e + 5]) == [f"p{i}" for i in range(5)]
     assert a.rank_batch(3, 0, 2) + a.rank_batch(3, 1, 2) == a.global_batch(3)
 
 
@@ -96,12 +114,19 @@ def test_iteration_ttur_lora_moves_teacher_frozen_and_state_round_trip_is_bit_ex
     state2.load_state(tensors, aux)
     again = [it2.run(i) for i in (2, 3)]
     for a, b in zip(cont, again, strict=True):
-        assert {k: v for k, v in a.items() if not k.startswith("timing/")} == \
-            {k: v for k, v in b.items() if not k.startswith("timing/")}
+        assert {k: v for k, v in a.items() if not k.startswith("timing/")} == {
+            k: v for k, v in b.items() if not k.startswith("timing/")
+        }
     for role in ("generator", "fake_score"):
         x, y = state.full_lora(role), state2.full_lora(role)
         assert all(torch.equal(x[k], y[k]) for k in x), role
-    assert all(torch.equal(a, b) for a, b in zip(state.full_lora("generator", ema=True).values(),
-                                                  state2.full_lora("generator", ema=True).values(), strict=True))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(
+            state.full_lora("generator", ema=True).values(),
+            state2.full_lora("generator", ema=True).values(),
+            strict=True,
+        )
+    )
     with pytest.raises(RuntimeError, match="is at iteration 4"):
         it.run(7)
