@@ -99,6 +99,42 @@ class DiffusersBackbone:
             self._empty = self.encode_prompts([""])
         return self._empty.repeat(batch_size)
 
+    def sigma_vector(self, sigma: float | torch.Tensor, batch_size: int) -> torch.Tensor:
+        """Noise levels as a float32 ``[B]`` tensor on the device (a float or ``[1]`` is broadcast)."""
+        s = torch.as_tensor(sigma, dtype=torch.float32, device=self.device).reshape(-1)
+        if s.numel() == 1:
+            return s.expand(batch_size)
+        if s.numel() != batch_size:
+            raise ValueError(
+                f"sigma has {s.numel()} entries for a batch of {batch_size}: pass a float or [B]"
+            )
+        return s
+
+    def load_transformer(
+        self,
+        path_or_repo: str | Path,
+        *,
+        dtype: str | torch.dtype | None = None,
+        config_key: str = "model.generator_init_path",
+    ) -> nn.Module:
+        """Another checkpoint's transformer of this family (e.g. the step-distilled FLUX.2-klein generator
+        next to the base teacher), frozen, on this backbone's device. One-line error when absent."""
+        import importlib
+
+        from rtdmd_ray.models.loading import load_component, parse_dtype, resolve_model_dir
+
+        library, class_name = self.layout["transformer"]
+        klass = getattr(importlib.import_module(library), class_name)
+        torch_dtype = parse_dtype(dtype) if dtype is not None else self.model_dtype
+        root = resolve_model_dir(path_or_repo, subfolders=["transformer"], config_key=config_key)
+        model = load_component(
+            root,
+            "transformer",
+            lambda: klass.from_pretrained(root, subfolder="transformer", torch_dtype=torch_dtype),
+        )
+        model.requires_grad_(False)
+        return model.eval().to(self.device)
+
     def _resolve_uncond(self, cond: Conditioning, uncond: Conditioning | None) -> Conditioning:
         batch = cond.batch_size
         if uncond is None:

@@ -172,7 +172,7 @@ class Flux1Backbone(DiffusersBackbone):
         emb = c.tensors["prompt_embeds"]
         out = self.transformer(
             hidden_states=pack_latents(x).to(dt),
-            timestep=sigma.to(self.device).to(dt),
+            timestep=self.sigma_vector(sigma, x.shape[0]).to(dt),
             guidance=guidance,
             pooled_projections=c.tensors["pooled"],
             encoder_hidden_states=emb,

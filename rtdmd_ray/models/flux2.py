@@ -207,7 +207,7 @@ class Flux2Backbone(DiffusersBackbone):
         out = self.transformer(
             hidden_states=flatten_latents(x).to(dt),
             encoder_hidden_states=emb,
-            timestep=sigma.to(self.device).to(dt),
+            timestep=self.sigma_vector(sigma, x.shape[0]).to(dt),
             img_ids=latent_ids(h, w, self.device),
             txt_ids=text_ids(emb.shape[1], self.device),
             guidance=g,

@@ -163,7 +163,7 @@ class SD3Backbone(DiffusersBackbone):
         uncond: Conditioning | None = None,
     ) -> torch.Tensor:
         """``v [B, C, h, w]`` (dtype of ``x``) at ``x``, ``sigma [B]``; the model sees ``t = 1000 sigma``."""
-        t = (sigma.to(torch.float32) * self.num_train_timesteps).to(self.device)
+        t = self.sigma_vector(sigma, x.shape[0]) * self.num_train_timesteps
         if guidance > 1.0:
             u = self._resolve_uncond(cond, uncond)
             both = Conditioning.cat([u, cond])

@@ -403,3 +403,21 @@ def test_conditioning_helpers_keep_keys(tiny):
     both = Conditioning.cat([cond, cond.index([1])])
     assert both.batch_size == 3 and torch.equal(both.tensors["pooled"][2], cond.tensors["pooled"][1])
     assert tiny["sd3"].empty_conditioning(3).batch_size == 3
+
+
+def test_sigma_as_float_and_load_transformer(tiny, tmp_path):
+    bb = tiny["flux2"]
+    cond = bb.encode_prompts(PROMPTS)
+    x = bb.randn_latents(2, TINY_RESOLUTION, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(bb.velocity(x, 0.5, cond), bb.velocity(x, torch.tensor([0.5, 0.5]), cond))
+    with pytest.raises(ValueError, match="pass a float or"):
+        bb.velocity(x, torch.tensor([0.5, 0.5, 0.5]), cond)
+    # a second checkpoint's transformer (e.g. the distilled FLUX.2-klein generator next to the base teacher)
+    other = tiny_backbone("flux2", seed=9)
+    other.save_pretrained(tmp_path / "gen")
+    t = bb.load_transformer(tmp_path / "gen")
+    assert type(t) is type(bb.transformer) and not any(p.requires_grad for p in t.parameters())
+    ref = other.transformer.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in t.state_dict().items())
+    with pytest.raises(MissingWeightsError, match="model.generator_init_path"):
+        bb.load_transformer(tmp_path / "nope")
