@@ -1,5 +1,5 @@
-"""Rollout prompts and noise without models: K-repeat jobs across samplers, per-sample seeds, SubGRPO shared noise
-(spec algorithms.md §3.2-§3.3, invariants 22-23, 25)."""
+"""Rollout prompts and noise without models: K-repeat jobs across samplers, per-sample seeds, SubGRPO shared
+noise (spec algorithms.md §3.2-§3.3, invariants 22-23, 25)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,9 @@ def test_jobs_cover_k_repeat_groups_spread_over_samplers():
     assert len(set(seeds.tolist())) == len(seeds)
     # group ids are dataset rows and metadata travels with the prompt
     for j in jobs:
-        for gid, p, md in zip(j.prompts.group_ids.tolist(), j.prompts.prompts, j.prompts.metadata, strict=True):
+        for gid, p, md in zip(
+            j.prompts.group_ids.tolist(), j.prompts.prompts, j.prompts.metadata, strict=True
+        ):
             assert RECORDS[gid]["prompt"] == p and md["tag"] == RECORDS[gid]["tag"]
 
 
@@ -52,7 +54,9 @@ def test_jobs_are_a_pure_function_of_seed_and_epoch():
     assert not torch.equal(a[0].prompts.seeds, c[0].prompts.seeds)
     # the sample's seed does not depend on how many samplers share the step
     two = epoch_prompt_jobs(RECORDS, grpo=g, seed=7, epoch=1, num_samplers=2, policy_version=0)
-    assert torch.cat([j.prompts.seeds for j in two]).tolist() == torch.cat([j.prompts.seeds for j in a]).tolist()
+    assert (
+        torch.cat([j.prompts.seeds for j in two]).tolist() == torch.cat([j.prompts.seeds for j in a]).tolist()
+    )
     assert sample_seed(7, 1, 0) == int(a[0].prompts.seeds[0])
 
 
@@ -66,9 +70,14 @@ def test_epoch_train_steps():
 
 def _batch(prompts: list[str], seeds: list[int], epoch: int = 4) -> PromptBatch:
     ids = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
-    return PromptBatch(prompts=prompts, metadata=[{} for _ in prompts],
-                       group_ids=torch.tensor([ids[p] for p in prompts]), seeds=torch.tensor(seeds), epoch=epoch,
-                       policy_version=0)
+    return PromptBatch(
+        prompts=prompts,
+        metadata=[{} for _ in prompts],
+        group_ids=torch.tensor([ids[p] for p in prompts]),
+        seeds=torch.tensor(seeds),
+        epoch=epoch,
+        policy_version=0,
+    )
 
 
 def test_shared_noise_identical_in_group_across_samplers_and_fresh_at_trained_steps():
@@ -87,8 +96,13 @@ def test_shared_noise_identical_in_group_across_samplers_and_fresh_at_trained_st
         assert not torch.equal(cats[0][j], cats[1][j]) and not torch.equal(cats[0][j], cats[2][j])
     assert not torch.equal(x0_a[0], x0_a[2])  # the initial noise is never shared
     # another epoch shares other noise
-    _, n_e = trajectory_noise(_batch(["cat"], [11], epoch=5), num_steps=4, shape=shape, train_steps=train_steps,
-                              share_untrained=True)
+    _, n_e = trajectory_noise(
+        _batch(["cat"], [11], epoch=5),
+        num_steps=4,
+        shape=shape,
+        train_steps=train_steps,
+        share_untrained=True,
+    )
     assert not torch.equal(n_e[0, 1], n_a[0, 1])
 
 
@@ -97,9 +111,9 @@ def test_noise_is_per_sample_not_per_batch():
     full = _batch(["a", "b", "c", "d"], [1, 2, 3, 4])
     x0, noise = trajectory_noise(full, num_steps=3, shape=shape, train_steps=(0, 1), share_untrained=False)
     for lo in (0, 2):
-        part = _batch(full.prompts[lo:lo + 2], full.seeds[lo:lo + 2].tolist())
+        part = _batch(full.prompts[lo : lo + 2], full.seeds[lo : lo + 2].tolist())
         px0, pn = trajectory_noise(part, num_steps=3, shape=shape, train_steps=(0, 1), share_untrained=False)
-        assert torch.equal(px0, x0[lo:lo + 2]) and torch.equal(pn, noise[lo:lo + 2])
+        assert torch.equal(px0, x0[lo : lo + 2]) and torch.equal(pn, noise[lo : lo + 2])
 
 
 @pytest.mark.parametrize("num_samplers", [1, 3])
