@@ -141,7 +141,8 @@ def test_fsdp2_matches_ddp_on_one_rank(tmp_path):
         pytest.skip("a default process group already exists in this process")
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        cfg = _cfg("dmd.fake_update_ratio=1")  # one iteration runs both updates (fsdp2 forwards are slow on CPU)
+        # one iteration runs both updates (fsdp2 forwards are slow on CPU)
+        cfg = _cfg("dmd.fake_update_ratio=1")
         runs = {}
         for parallelism in ("ddp", "fsdp2"):
             from rtdmd_ray.learner_state import LearnerState
