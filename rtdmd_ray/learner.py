@@ -149,6 +149,12 @@ class Learner:
         return metrics
 
     # ------------------------------------------------------------------ checkpoints
+    stage = "cold_start"  # the checkpoint kind this role writes and resumes from (RLLearner: "rtdmd")
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """Stage-specific fields of ``meta.json`` (the RL learner overrides it)."""
+        return {"prompts_consumed": self.state.iteration * self.dmd.prompts_per_step}
+
     def save_checkpoint(self, output_dir: str, keep_last: int) -> str:
         """Every rank writes its part into ``checkpoint-<it>.tmp``; rank 0 adds full LoRAs and finalises."""
         from rtdmd_ray.learner_state import ROLES
@@ -199,12 +205,12 @@ class Learner:
             meta = {
                 "world_size": self.world_size,
                 "parallelism": self.parallelism,
-                "stage": "cold_start",
+                "stage": self.stage,
                 "backbone": self.model.backbone,
                 "seed": self.train.seed,
                 "fake_updates": s.optimizers["fake_score"].steps,
                 "generator_updates": s.optimizers["generator"].steps,
-                "prompts_consumed": it * self.dmd.prompts_per_step,
+                **self.checkpoint_meta(),
             }
             ckpt.finalize(tmp, it, meta, keep_last)
         s.dist.barrier()
@@ -213,8 +219,8 @@ class Learner:
     def load_checkpoint(self, path: str) -> int:
         """Restore this rank from a complete checkpoint; returns the iteration to continue from."""
         meta = ckpt.read_meta(path)
-        if meta.get("stage") != "cold_start":
-            raise ValueError(f"{path} is a {meta.get('stage')} checkpoint, not a cold-start one")
+        if meta.get("stage") != self.stage:
+            raise ValueError(f"{path} is a {meta.get('stage')} checkpoint, not a {self.stage} one")
         tensors, aux = ckpt.load_rank_part(Path(path), self.rank)
         self.state.load_state(tensors, aux)
         return self.state.iteration
