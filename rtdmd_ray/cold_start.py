@@ -222,6 +222,7 @@ class ColdStartIteration:
             min_step=a.min_renoise_step,
             max_step=a.max_renoise_step,
             generator=self.s.control,
+            clamp_mode=a.renoise_clamp,
         )
         return self._rank_slice(sig).to(self.s.device)
 

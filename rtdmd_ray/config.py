@@ -259,6 +259,9 @@ class ACDMDConfig:
         include_terminal_without_random_stop: with random_stop off, still draw up to timestep 1000.
         min_renoise_step: lower clamp of the renoise time, in timesteps.
         max_renoise_step: upper clamp of the renoise time, in timesteps (at most 999).
+        renoise_clamp: "above_start" keeps the renoise level above the boundary when the boundary is above
+            max_renoise_step (identical to the reference on every shipped schedule); "reference" clamps at
+            max_renoise_step even below the boundary (spec §7.1.6).
         transition_eta: CPS eta of the teacher/fake projections back to the boundary and of consistency paths.
         move_scale_out: use the scale-moved-out target, i.e. weight min(1, 10 sigma_se^2) on (v - target)^2.
         fake_loss_weight_min: lower clamp of the fake-score loss weight 1/scale^2.
@@ -277,6 +280,7 @@ class ACDMDConfig:
     include_terminal_without_random_stop: bool = True
     min_renoise_step: int = 20
     max_renoise_step: int = 980
+    renoise_clamp: Literal["above_start", "reference"] = "above_start"
     transition_eta: float = 0.9
     move_scale_out: bool = True
     fake_loss_weight_min: float = 0.0
