@@ -455,14 +455,14 @@ def _per_image_scores(by_reward: Mapping[str, Mapping[str, float]]) -> dict[str,
 
 
 def _tags_of(keys: Iterable[str]) -> list[str]:
-    ks = set(keys)
-    return sorted(
-        k[: -len("_strict_accuracy")]
-        for k in ks
-        if k.endswith("_strict_accuracy")
-        and k != "strict_accuracy"
-        and f"{k[: -len('_strict_accuracy')]}_accuracy" in ks
-    )
+    """Tags ``t`` with both ``{t}_accuracy`` and ``{t}_strict_accuracy`` keys, in the scorer's key order."""
+    ordered = list(dict.fromkeys(keys))
+    suffix = "_strict_accuracy"
+    return [
+        k[: -len(suffix)]
+        for k in ordered
+        if k.endswith(suffix) and k != suffix[1:] and f"{k[: -len(suffix)]}_accuracy" in ordered
+    ]
 
 
 def summarize_row(state: RowState, sets: Sequence[PromptSet], weights: Mapping[str, float]) -> dict[str, Any]:
@@ -501,23 +501,21 @@ def summarize_row(state: RowState, sets: Sequence[PromptSet], weights: Mapping[s
             if not tags:
                 continue
             red = ds_reward[r]
-            table: dict[str, dict[str, float]] = {}
-            for t in tags:
-                table[t] = {
-                    "accuracy": red.get(f"{t}_accuracy", float("nan")),
-                    "strict_accuracy": red.get(f"{t}_strict_accuracy", float("nan")),
+            # tags with no image in this prompt set are left out (not NaN rows)
+            present = [t for t in tags if f"{t}_accuracy" in red and f"{t}_strict_accuracy" in red]
+            if not present:
+                continue
+            table: dict[str, dict[str, float]] = {
+                t: {
+                    "accuracy": red[f"{t}_accuracy"],
+                    "strict_accuracy": red[f"{t}_strict_accuracy"],
                     "count": float(sum(v != SENTINEL for v in vals[f"{t}_accuracy"])),
                 }
-            present = [t for t in tags if table[t]["count"] > 0]
+                for t in present
+            }
             table["overall"] = {
-                "accuracy": float(np.mean([table[t]["accuracy"] for t in present]))
-                if present
-                else float("nan"),
-                "strict_accuracy": (
-                    float(np.mean([table[t]["strict_accuracy"] for t in present]))
-                    if present
-                    else float("nan")
-                ),
+                "accuracy": float(np.mean([table[t]["accuracy"] for t in present])),
+                "strict_accuracy": float(np.mean([table[t]["strict_accuracy"] for t in present])),
                 "count": float(sum(table[t]["count"] for t in present)),
             }
             per_tag[r] = table
@@ -608,7 +606,6 @@ def run_eval(
         st = RowState(row=row, dir=out / row.dirname)
         states.append(st)
         if row.skipped:
-            logger.warning("eval row %s skipped: %s", row.name, row.skipped)
             print(f"eval row {row.name!r} skipped: {row.skipped}")
             continue
         (st.dir / "images").mkdir(parents=True, exist_ok=True)
@@ -652,7 +649,24 @@ def run_eval(
 
         path = write_report(out, metadata)
         print(f"eval: wrote {out / METADATA_FILE} and {path}")
+    for line in summary_lines(metadata):
+        print(line)
     return metadata
+
+
+def summary_lines(metadata: Mapping[str, Any]) -> list[str]:
+    """One line per row: each eval reward's mean, the weighted mean, and GenEval-style overall accuracy."""
+    lines = []
+    for r in metadata["rows"]:
+        if r.get("skipped"):
+            lines.append(f"  {r['name']}: skipped ({r['skipped']})")
+            continue
+        keys = [*metadata["reward_weights"], "mean"]
+        parts = [f"{k}={r['scores'][k]:.4f}" for k in keys if k in r["scores"]]
+        for name, tags in r.get("per_tag", {}).items():
+            parts.append(f"{name}/overall={tags['overall']['accuracy']:.4f}")
+        lines.append(f"  {r['name']}: " + " ".join(parts) + f" ({r['num_images']} images)")
+    return lines
 
 
 def _compact_records(st: RowState) -> None:

@@ -139,13 +139,34 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+# local base models up to this size are fingerprinted by content, larger ones by file sizes and times
+CONTENT_HASH_MAX_BYTES = 256 << 20
+
+
+def dir_fingerprint(path: Path) -> str:
+    """sha256 of a local model dir: its files' contents when small (a copied or re-saved identical model
+    keeps its hash), else their relative names, sizes and modification times (hashing 20 GB would take
+    minutes; a changed file changes its size or time)."""
+    files = sorted(q for q in path.rglob("*") if q.is_file()) if path.is_dir() else [path]
+    if sum(q.stat().st_size for q in files) <= CONTENT_HASH_MAX_BYTES:
+        return file_sha256(path)
+    h = hashlib.sha256()
+    for q in files:
+        st, name = q.stat(), q.relative_to(path) if path.is_dir() else q.name
+        h.update(f"{name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return "stat:" + h.hexdigest()
+
+
 def model_identity(cfg: Config, lora_paths: Sequence[str] | None = None) -> dict[str, Any]:
-    """What determines the weights: backbone, base path, dtype, (tiny: seed) and the LoRA files' sha256."""
+    """What determines the weights: backbone, base (path and, when local, a fingerprint of its files),
+    dtype, (tiny: seed) and the LoRA files' sha256."""
     m = cfg.model
     paths = list(cfg.inference.lora_paths if lora_paths is None else lora_paths)
     ident: dict[str, Any] = {"backbone": m.backbone, "pretrained_path": m.pretrained_path, "dtype": m.dtype}
     if not m.pretrained_path:
         ident["seed"] = cfg.train.seed  # in-code tiny weights come from this seed
+    elif resolve_path(m.pretrained_path).exists():
+        ident["pretrained_fingerprint"] = dir_fingerprint(resolve_path(m.pretrained_path))
     ident["loras"] = [
         file_sha256(resolve_path(p)) if resolve_path(p).exists() else f"missing:{p}" for p in paths
     ]
