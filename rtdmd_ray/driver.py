@@ -53,8 +53,10 @@ def train(
         record_noise: samplers keep their CPS noise in the rollouts (tests).
 
     Returns:
-        ``{"output_dir", "epochs", "policy_version", "metrics": [per-epoch metrics]}``.
+        ``{"output_dir", "epochs", "policy_version", "metrics": [this run's per-epoch metrics], "checkpoint",
+        "final_lora"}`` (``final_lora``: the EMA RL LoRA, to stack on the cold-start LoRA at inference).
     """
+    from rtdmd_ray import checkpoint as ckpt
     from rtdmd_ray.cold_start import training_prompt_records
     from rtdmd_ray.logging_utils import MetricsLogger
     from rtdmd_ray.reward import RewardPool, reward_metrics
@@ -66,9 +68,11 @@ def train(
     g, t = cfg.grpo, cfg.train
     out = resolve_path(t.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    resume_from = ckpt.resolve_resume(t.resume, out)
     (out / "config.yaml").write_text(dump_yaml(cfg, comments=False))
     _init_ray(cfg, ray_address)
     records = training_prompt_records(cfg.data)
+    eval_every = cfg.eval.every_iterations if cfg.eval.enabled else 0
 
     roles: dict[str, Any] = {}
     logger = None
@@ -76,40 +80,38 @@ def train(
         roles["learners"] = learners = RLLearnerGroup(cfg)
         roles["samplers"] = samplers = SamplerGroup(cfg, record_noise=record_noise)
         roles["rewards"] = rewards = RewardPool(rewards=cfg.rewards, resources=cfg.resources.reward_worker)
-        version = (
-            0  # policy version = generator updates (epochs) done; samplers start from the learner's weights
-        )
+        # policy version = epochs (generator updates) done; samplers start from the learner's weights
+        start = learners.load_checkpoint(str(resume_from)) if resume_from else 0
+        version = start
         sync_metrics = connect_weight_sync(cfg, learners, samplers, version)
-        logger = MetricsLogger(
-            cfg=cfg.logging, output_dir=out, total_iterations=t.iterations, run_config=to_dict(cfg)
-        )
+        logger = MetricsLogger(cfg=cfg.logging, output_dir=out, total_iterations=t.iterations,
+                               start_iteration=start, run_config=to_dict(cfg))
         logger.write(f"rtdmd: {cfg.summary()}")
-        logger.write(f"learner: {learners.info}")
+        logger.write(f"learner: {learners.info}; resumed from {resume_from or 'nothing (fresh start)'}")
 
         def sample(epoch: int, policy_version: int) -> tuple[list[Any], tuple[int, ...]]:
             steps = epoch_train_steps(g, t.seed, epoch)
-            jobs = epoch_prompt_jobs(
-                records,
-                grpo=g,
-                seed=t.seed,
-                epoch=epoch,
-                num_samplers=len(samplers),
-                policy_version=policy_version,
-            )
+            jobs = epoch_prompt_jobs(records, grpo=g, seed=t.seed, epoch=epoch, num_samplers=len(samplers),
+                                     policy_version=policy_version)
             return samplers.sample_async(jobs, steps), steps
 
+        def evaluate(epoch: int) -> None:
+            logger.log(epoch, learners.evaluate(str(out / "eval" / f"epoch_{epoch:06d}.png")))
+
         history: list[dict[str, float]] = []
-        in_flight = sample(0, version)
-        for epoch in range(t.iterations):
+        last_ckpt = str(resume_from) if resume_from else None
+        in_flight = sample(start, version) if start < t.iterations else None
+        for epoch in range(start, t.iterations):
             t_epoch = time.perf_counter()
+            if eval_every and epoch % eval_every == 0:
+                evaluate(epoch)  # on the learners (EMA generator) while the samplers work
             # ---------------------------------------------------------------- SAMPLE + SCORE (overlapped)
             jobs, steps = in_flight
             scored_by_key, m = rewards.score(jobs)
             m["timing/sample_score_s"] = time.perf_counter() - t_epoch
             scored = ScoredBatch.cat([scored_by_key[j.key] for j in jobs])
             m |= reward_metrics(scored)
-            # pipelined (max_policy_lag 1): the samplers start the next epoch on the current weights now
-            if g.max_policy_lag and epoch + 1 < t.iterations:
+            if g.max_policy_lag and epoch + 1 < t.iterations:  # pipelined: next epoch on the current weights
                 in_flight = sample(epoch + 1, version)
             # ---------------------------------------------------------------- ADVANTAGE + UPDATE
             t0 = time.perf_counter()
@@ -117,25 +119,28 @@ def train(
             m["timing/update_s"] = time.perf_counter() - t0
             version = epoch + 1
             # ---------------------------------------------------------------- SYNC WEIGHTS
-            m |= sync_weights(learners, samplers, version)
-            if not g.max_policy_lag and epoch + 1 < t.iterations:
+            m |= sync_weights(learners, samplers, version) | sync_metrics
+            sync_metrics = {}
+            if not g.max_policy_lag and epoch + 1 < t.iterations:  # on-policy: sample with the new weights
                 in_flight = sample(epoch + 1, version)
             # ---------------------------------------------------------------- LOG / CHECKPOINT
-            m |= sync_metrics
-            sync_metrics = {}
-            m |= {
-                "rollout/images": float(scored.count),
-                "rollout/train_steps": float(len(steps)),
-                "rollout/policy_version": float(version),
-                "timing/epoch_s": time.perf_counter() - t_epoch,
-            }
+            m |= {"rollout/images": float(scored.count), "rollout/train_steps": float(len(steps)),
+                  "rollout/policy_version": float(version), "timing/epoch_s": time.perf_counter() - t_epoch}
             m["rollout/images_per_s"] = m["rollout/images"] / max(m["timing/sample_score_s"], 1e-9)
             history.append(m)
             logger.log(epoch + 1, m, echo=(epoch + 1) % t.log_every_iterations == 0)
-            logger.advance(1)
+            logger.advance(1, m)
+            if (epoch + 1) % t.save_every_iterations == 0 or epoch + 1 == t.iterations:
+                last_ckpt = learners.save_checkpoint(str(out), t.keep_last_checkpoints)
             if on_epoch is not None:
                 on_epoch(epoch, m, roles)
-        return {"output_dir": str(out), "epochs": t.iterations, "policy_version": version, "metrics": history}
+        if eval_every and t.iterations % eval_every:
+            evaluate(t.iterations)
+        final = export_final(last_ckpt, out) if last_ckpt else None
+        if final:
+            logger.write(f"final RL generator LoRA (stack it on the cold-start LoRA): {final}")
+        return {"output_dir": str(out), "epochs": t.iterations, "policy_version": version, "metrics": history,
+                "checkpoint": last_ckpt, "final_lora": final}
     finally:
         if logger is not None:
             logger.close()
@@ -174,6 +179,18 @@ def sync_weights(learners: Any, samplers: Any, version: int) -> dict[str, float]
         "sync/bytes": float(ticket.nbytes),
         "sync/version": float(version),
     }
+
+
+def export_final(checkpoint: str, out: Any) -> str:
+    """Copy the checkpoint's PEFT folder (the EMA RL LoRA) to ``<output_dir>/final``; returns its path."""
+    import shutil
+    from pathlib import Path
+
+    final = Path(out) / "final"
+    if final.exists():
+        shutil.rmtree(final)
+    shutil.copytree(Path(checkpoint) / "transformer", final)
+    return str(final)
 
 
 def _init_ray(cfg: Config, ray_address: str | None) -> None:

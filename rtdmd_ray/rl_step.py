@@ -604,6 +604,17 @@ class RLLearner(Learner):
         self.rl: RLUpdate | None = None
         self.sender: Any = None
 
+    stage = "rtdmd"  # checkpoints: Learner.save_checkpoint / load_checkpoint with RL meta
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        epoch = self.state.iteration  # epochs done = generator updates = the policy version
+        return {
+            "epoch": epoch,
+            "policy_version": epoch,
+            "prompts_consumed": epoch * self.grpo.prompts_per_epoch,
+            "adapter_stacks": {role: list(stack) for role, stack in self.state.stacks.items()},
+        }
+
     def setup(self) -> dict[str, Any]:
         device = "cuda" if _has_gpu() else "cpu"
         self.state = RLLearnerState(
@@ -765,6 +776,21 @@ class RLLearnerGroup:
         return gather(
             self.group.map_ranked_async(call), timeout_s=self.timeout_s, what=f"learner update {epoch}"
         )[0]
+
+    def save_checkpoint(self, output_dir: str, keep_last: int) -> str:
+        """Every rank writes its part; returns the checkpoint directory (``checkpoint.py`` layout)."""
+        return self.call("save_checkpoint", output_dir, keep_last)[0]
+
+    def load_checkpoint(self, path: str) -> int:
+        """Restore every rank from ``path``; returns the epoch to continue from."""
+        epochs = self.call("load_checkpoint", path)
+        if len(set(epochs)) != 1:
+            raise RuntimeError(f"learner ranks resumed at different epochs {epochs} from {path}")
+        return epochs[0]
+
+    def evaluate(self, image_path: str | None = None) -> dict[str, float]:
+        """Eval metrics of the (EMA) generator stack, identical on every rank (``eval_hooks.EvalHook``)."""
+        return self.call("evaluate", image_path)[0]
 
     def call(self, method: str, *args: Any) -> list[Any]:
         """Every rank's result of ``method(*args)`` (inspection: ``lora``, ``last_advantages``, ...)."""
