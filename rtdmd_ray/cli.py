@@ -41,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("shapes", help="ShapeWorld: train-teacher, train-clip, eval, ... (`rtdmd-ray shapes -h`)")
     qs = sub.add_parser("quickstart", help="the embedded default: ShapeWorld end to end on this machine")
     qs.add_argument("--out", default="outputs/quickstart")
+    qs.add_argument("--stages", default="validate,cold-start,rl,eval",
+                    help="comma-separated subset of validate,cold-start,rl,eval")
+    qs.add_argument("--cold-start-iterations", type=int, default=20)
+    qs.add_argument("--rl-epochs", type=int, default=2)
+    qs.add_argument("--eval-prompts", type=int, default=64)
     sp = sub.add_parser("sample", help="write PNGs for --prompt with the config's model, sampler, LoRA stack")
     _add_config_args(sp)
     sp.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
@@ -91,7 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb == "quickstart":
         from rtdmd_ray.quickstart import run_quickstart
 
-        return run_quickstart(out_dir=args.out)
+        return run_quickstart(
+            out_dir=args.out, stages=tuple(s for s in args.stages.split(",") if s),
+            cold_start_iterations=args.cold_start_iterations, rl_epochs=args.rl_epochs,
+            eval_prompts=args.eval_prompts,
+        )
     if args.verb == "sample":
         from rtdmd_ray.config import resolve_path
         from rtdmd_ray.inference import sample_to_dir
