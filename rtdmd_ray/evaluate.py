@@ -319,6 +319,12 @@ class EvalWorker:
             self.scorers[key] = build_scorer(name, ckpt_dir=r.ckpt_dir or None, device=device, **opts)
         return self.scorers[key]
 
+    def prepare(self, rewards: list[str], rewards_cfg: RewardsConfig) -> list[str]:
+        """Build the scorers up front, so a missing reward model fails before any image is generated."""
+        for name in rewards:
+            self._scorer(name, rewards_cfg)
+        return list(rewards)
+
     def score(
         self,
         pngs: list[bytes],
@@ -632,6 +638,15 @@ def run_eval(
         group = _create_workers(cfg)
         workers = list(group)
     try:
+        needed = sorted({r for todo in todo_score.values() for t in todo for r in t[2]})
+        if needed and workers:
+            from rtdmd_ray.groups import gather
+
+            gather(
+                [w.prepare.remote(needed, cfg.rewards) for w in workers],
+                timeout_s=LOAD_TIMEOUT_S,
+                what=f"eval workers: build scorers {needed}",
+            )
         for st in states:
             if st.row.skipped:
                 continue
