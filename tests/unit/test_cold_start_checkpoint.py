@@ -1,0 +1,68 @@
+"""Checkpoint directories (atomic finalize, completeness, rotation, resume) and the metrics sinks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rtdmd_ray import checkpoint as ckpt
+from rtdmd_ray.config import LoggingConfig
+
+
+def _save(root, it, keep=2, ranks=2):
+    tmp = ckpt.tmp_dir(root, it)
+    for r in range(ranks):
+        ckpt.save_rank_part(
+            tmp, r, {"w": torch.full((2,), float(it + r))}, {"step": it, "rng": torch.arange(3)}
+        )
+    return ckpt.finalize(tmp, it, {"world_size": ranks}, keep)
+
+
+def test_finalize_rotation_latest_and_incomplete_dirs(tmp_path):
+    assert ckpt.latest_checkpoint(tmp_path) is None and ckpt.resolve_resume("auto", tmp_path) is None
+    for it in (10, 20, 30):
+        _save(tmp_path, it)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["checkpoint-00000020", "checkpoint-00000030"]  # keep_last = 2
+    # a crash mid-save leaves a .tmp directory (no meta.json): never picked up
+    tmp = ckpt.tmp_dir(tmp_path, 40)
+    ckpt.save_rank_part(tmp, 0, {"w": torch.zeros(2)}, {"step": 40})
+    # a directory with the final name but no completion marker is ignored too
+    (tmp_path / "checkpoint-00000050").mkdir()
+    latest = ckpt.resolve_resume("auto", tmp_path)
+    assert latest == tmp_path / "checkpoint-00000030"
+    tensors, aux = ckpt.load_rank_part(latest, 1)
+    assert torch.equal(tensors["w"], torch.full((2,), 31.0)) and aux["step"] == 30
+    assert torch.equal(aux["rng"], torch.arange(3))  # loaded with weights_only=True
+    assert ckpt.read_meta(latest) == {"world_size": 2, "iteration": 30, "complete": True}
+    assert ckpt.resolve_resume("never", tmp_path) is None
+    assert ckpt.resolve_resume(str(latest), tmp_path) == latest
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        ckpt.resolve_resume(str(tmp), tmp_path)
+    with pytest.raises(FileNotFoundError, match="resources.learner.count"):
+        ckpt.load_rank_part(latest, 2)
+    # re-saving an iteration (after a resume) replaces it atomically
+    _save(tmp_path, 30)
+    assert ckpt.latest_checkpoint(tmp_path) == latest
+
+
+def test_metrics_logger_jsonl_and_offline_wandb(tmp_path, monkeypatch):
+    from rtdmd_ray.logging_utils import MetricsLogger
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    log = MetricsLogger(
+        cfg=LoggingConfig(stdout=True, jsonl=True, wandb="offline"),
+        output_dir=tmp_path,
+        total_iterations=4,
+        run_config={"train": {"seed": 1}},
+    )
+    log.log(1, {"learner/fake/loss": 0.5, "timing/iteration_s": 0.1})
+    log.advance(1, {"learner/fake/loss": 0.5})
+    log.log(2, {"eval/mean": 0.25})
+    log.close()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [1, 2]
+    assert records[0]["learner/fake/loss"] == 0.5 and records[1]["eval/mean"] == 0.25
+    assert list((tmp_path / "wandb").glob("offline-run-*")), "wandb offline run directory missing"
