@@ -382,3 +382,20 @@ class ColdStartIteration:
             "learner/iteration": float(iteration + 1),
         }
         return metrics
+
+
+# --------------------------------------------------------------------------------------------- export
+def save_merged_backbone(
+    backbone: str, pretrained_path: str, lora_paths: list[str], out_dir: str | Path
+) -> Path:
+    """Write a copy of the base model with ``lora_paths`` merged into its transformer (in order).
+
+    The result loads like the base (``model.pretrained_path``), so tools that take a plain model directory,
+    such as ``rtdmd-ray shapes eval --teacher DIR``, can evaluate a distilled generator.
+    """
+    from rtdmd_ray.models import build_backbone
+    from rtdmd_ray.models.lora import merge_lora_files
+
+    bb = build_backbone(backbone, pretrained_path=pretrained_path or None, dtype="fp32")
+    merge_lora_files(bb.transformer, lora_paths)
+    return Path(bb.save_pretrained(out_dir))
