@@ -67,6 +67,7 @@ class Learner:
         threads: int = 1,
     ):
         torch.set_num_threads(max(1, threads))
+        torch.set_flush_denormal(True)  # denormal floats in tiny models slow CPU kernels down many-fold
         self.model, self.sampling, self.dmd, self.ac_dmd = model, sampling, dmd, ac_dmd
         self.solver, self.train, self.data, self.eval_cfg, self.rewards = (
             solver,
