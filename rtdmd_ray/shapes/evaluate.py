@@ -1,0 +1,213 @@
+"""`rtdmd-ray shapes eval`: the ShapeWorld results table (miniature of the paper's Table 1 baselines).
+
+Rows: the teacher at 50 NFE (Euler, shift 3, CFG), at 4 NFE Euler and at 4 NFE CPS (eta 0.9), both with the
+same CFG and the 4-step schedule ``(1000, 750, 500, 250)`` shifted by 3. Columns: ``shapes_geneval`` strict
+and partial, per tag, colour level, count level, tiny-CLIP score, and diversity (distinct layouts per
+prompt over 4 seeds). CFG is picked on a validation set drawn from the *train* prompts, never on test.
+
+Colour level: for captions naming colours, the strict check with shapes ignored (each named colour appears on
+exactly the requested number of objects). Count level: the number of detected objects equals the number the
+caption asks for. A layout is the multiset of (class, colour, 8-px grid cell of the centre) of the detected
+objects; diversity is the mean number of distinct layouts among a prompt's 4 seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rtdmd_ray.rewards.shapes_geneval import ShapesGenevalScorer
+from rtdmd_ray.shapes.backbone import SHIPPED_CLIP, ShapesBackbone, sample
+from rtdmd_ray.shapes.prompts import TAGS, balanced_eval_prompts, split_prompts
+
+FOUR_STEPS = (1000, 750, 500, 250)
+DEFAULT_CFG_GRID = (2.0, 3.0, 4.0, 5.0, 7.0)
+
+
+def fifty_step_sigmas(backbone: ShapesBackbone) -> list[float]:
+    return backbone.sigma_schedule(tuple(range(1000, 0, -20)), 32)
+
+
+def generate(backbone: ShapesBackbone, metas: list[dict[str, Any]], sigmas: list[float], *, cfg: float,
+             eta: float = 0.0, seed: int = 0, batch_size: int = 250) -> torch.Tensor:
+    """Images ``[N, 3, 32, 32]``; image ``i`` uses noise seeded by ``(seed, i)`` so rows share noise."""
+    out = []
+    for start in range(0, len(metas), batch_size):
+        chunk = metas[start:start + batch_size]
+        noise = torch.stack([
+            torch.randn(12, 16, 16, generator=torch.Generator().manual_seed(seed * 1_000_003 + start + i))
+            for i in range(len(chunk))])
+        g = torch.Generator().manual_seed(seed * 7 + start)
+        out.append(sample(backbone, [m["prompt"] for m in chunk], sigmas, guidance=cfg, eta=eta, generator=g,
+                          latents=noise))
+    return torch.cat(out)
+
+
+def _color_level(objs: list[dict[str, Any]], meta: dict[str, Any]) -> float | None:
+    named = [inc for inc in meta["include"] if "color" in inc]
+    if not named:
+        return None
+    return float(all(sum(o["color"] == inc["color"] for o in objs) == inc["count"] for inc in named))
+
+
+def _layout_key(objs: list[dict[str, Any]]) -> tuple:
+    return tuple(sorted((o["class"], o["color"], int((o["bbox"][0] + o["bbox"][2]) / 2 // 8),
+                         int((o["bbox"][1] + o["bbox"][3]) / 2 // 8)) for o in objs))
+
+
+def score_images(images: torch.Tensor, metas: list[dict[str, Any]], scorer: ShapesGenevalScorer,
+                 ) -> dict[str, Any]:
+    """Aggregate metrics of one row."""
+    prompts = [m["prompt"] for m in metas]
+    out = scorer(images, prompts, metas)
+    dets = scorer.detect(images)
+    strict = out["strict_accuracy"].numpy()
+    res: dict[str, Any] = {
+        "n": len(metas), "strict": float(strict.mean()), "partial": float(out["shapes_geneval"].mean()),
+        "lenient": float(out["accuracy"].mean()), "exact": float(out["exact_accuracy"].mean()),
+        "strict_se": float(strict.std() / np.sqrt(len(strict))),
+    }
+    for tag in TAGS:
+        v = out[f"{tag}_strict_accuracy"].numpy()
+        res[f"strict_{tag}"] = float(v[v != -10].mean()) if (v != -10).any() else float("nan")
+    cl = [c for c in (_color_level(o, m) for o, m in zip(dets, metas, strict=True)) if c is not None]
+    res["color_level"] = float(np.mean(cl)) if cl else float("nan")
+    res["count_level"] = float(np.mean([len(o) == sum(i["count"] for i in m["include"])
+                                        for o, m in zip(dets, metas, strict=True)]))
+    return res
+
+
+def diversity(backbone: ShapesBackbone, metas: list[dict[str, Any]], sigmas: list[float], *, cfg: float,
+              eta: float, scorer: ShapesGenevalScorer, n_seeds: int = 4) -> float:
+    """Mean number of distinct detected layouts per prompt over ``n_seeds`` seeds (1 = mode collapse)."""
+    keys = []
+    for s in range(n_seeds):
+        imgs = generate(backbone, metas, sigmas, cfg=cfg, eta=eta, seed=100 + s)
+        keys.append([_layout_key(o) for o in scorer.detect(imgs)])
+    return float(np.mean([len({keys[s][i] for s in range(n_seeds)}) for i in range(len(metas))]))
+
+
+def pick_cfg(backbone: ShapesBackbone, scorer: ShapesGenevalScorer, *, grid=DEFAULT_CFG_GRID,
+             n_per_tag: int = 25, seed: int = 0) -> tuple[float, dict[float, float]]:
+    """CFG scale with the best 50-NFE strict accuracy on validation captions from the train prompts."""
+    train, _ = split_prompts(0)
+    val = balanced_eval_prompts(train, n_per_tag, seed=seed + 999)
+    sig = fifty_step_sigmas(backbone)
+    scores = {}
+    for cfg in grid:
+        imgs = generate(backbone, val, sig, cfg=cfg, seed=seed + 999)
+        scores[cfg] = float(scorer(imgs, [m["prompt"] for m in val], val)["strict_accuracy"].mean())
+        print(f"  validation cfg {cfg}: strict {scores[cfg]:.3f}", flush=True)
+    return max(scores, key=lambda c: scores[c]), scores
+
+
+def markdown_table(rows: dict[str, dict[str, Any]]) -> str:
+    cols = ["strict", "partial", *[f"strict_{t}" for t in TAGS], "color_level", "count_level", "tiny_clip",
+            "diversity"]
+    short = {"strict_single_object": "single", "strict_two_object": "two obj", "strict_counting": "count",
+             "strict_colors": "colors", "strict_position": "position", "strict_color_attr": "colour attr",
+             "color_level": "colour lvl", "count_level": "count lvl", "tiny_clip": "tiny-CLIP"}
+    head = "| row | " + " | ".join(short.get(c, c) for c in cols) + " |"
+    lines = [head, "|" + "---|" * (len(cols) + 1)]
+    for name, r in rows.items():
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            if v is None:
+                cells.append("—")
+            elif c == "strict":
+                cells.append(f"{v:.3f} ± {r['strict_se']:.3f}")
+            else:
+                cells.append(f"{v:.3f}" if c != "diversity" else f"{v:.2f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def save_grid(path: Path, rows: dict[str, torch.Tensor], n_cols: int = 12, scale: int = 3) -> None:
+    """PNG: one band per row name, the first ``n_cols`` images, nearest-upscaled ``scale``×."""
+    from PIL import Image
+
+    bands = []
+    for imgs in rows.values():
+        x = imgs[:n_cols]
+        x = torch.nn.functional.pad(x, (1, 1, 1, 1), value=0.5)
+        band = torch.cat(list(x), dim=2)  # [3, 34, 34 * n]
+        bands.append(band)
+    grid = torch.cat(bands, dim=1)
+    arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(arr).resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.NEAREST).save(path)
+
+
+def run_eval(*, teacher_dir: str | None, clip_dir: str | None, out_dir: str, n_captions: int = 1002,
+             cfg_scale: float | None = None, threads: int = 2, seed: int = 0,
+             n_diversity_prompts: int = 60) -> dict[str, Any]:
+    """Write ``results.md``, ``results.json`` and ``grid.png`` under ``out_dir``; returns the results."""
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    backbone = ShapesBackbone.from_pretrained(teacher_dir)
+    scorer = ShapesGenevalScorer()
+    val_scores = None
+    if cfg_scale is None:
+        cfg_scale, val_scores = pick_cfg(backbone, scorer, seed=seed)
+    print(f"cfg = {cfg_scale}", flush=True)
+    _, test = split_prompts(0)
+    metas = balanced_eval_prompts(test, n_captions // len(TAGS), seed=seed)
+    configs = {
+        f"teacher 50 NFE Euler, CFG {cfg_scale:g}": (fifty_step_sigmas(backbone), 0.0),
+        f"teacher 4 NFE Euler, CFG {cfg_scale:g}": (backbone.sigma_schedule(FOUR_STEPS, 32), 0.0),
+        f"teacher 4 NFE CPS η=0.9, CFG {cfg_scale:g}": (backbone.sigma_schedule(FOUR_STEPS, 32), 0.9),
+    }
+    rows: dict[str, dict[str, Any]] = {}
+    images: dict[str, torch.Tensor] = {}
+    from rtdmd_ray.shapes.render import render_batch
+
+    gt = render_batch(metas, np.random.default_rng(seed))
+    rows["ground-truth renders"] = score_images(gt, metas, scorer)
+    images["ground-truth renders"] = gt
+    div_metas = metas[:: max(1, len(metas) // n_diversity_prompts)][:n_diversity_prompts]
+    for name, (sig, eta) in configs.items():
+        t = time.time()
+        imgs = generate(backbone, metas, sig, cfg=cfg_scale, eta=eta, seed=seed)
+        rows[name] = score_images(imgs, metas, scorer)
+        rows[name]["diversity"] = diversity(backbone, div_metas, sig, cfg=cfg_scale, eta=eta, scorer=scorer)
+        rows[name]["seconds"] = round(time.time() - t, 1)
+        images[name] = imgs
+        print(f"{name}: strict {rows[name]['strict']:.3f} ({rows[name]['seconds']} s)", flush=True)
+    # the tiny CLIP is loaded last, so it may still be training while the rows above are generated
+    clip_path = Path(clip_dir) if clip_dir else SHIPPED_CLIP
+    if (clip_path / "config.json").is_file():
+        from rtdmd_ray.rewards.clipscore import CLIPScoreScorer
+
+        clip = CLIPScoreScorer(model=str(clip_path), logit_divisor=1.0)
+        for name, imgs in images.items():
+            with torch.no_grad():
+                rows[name]["tiny_clip"] = float(
+                    clip(imgs, [m["prompt"] for m in metas])["clipscore"].mean())
+    else:
+        print(f"no tiny CLIP at {clip_path}: the tiny-CLIP column stays empty", flush=True)
+    table = markdown_table(rows)
+    info = {"teacher": str(teacher_dir or "shipped"), "teacher_meta": backbone.meta.get("step"),
+            "cfg": cfg_scale, "cfg_validation": val_scores, "n_captions": len(metas),
+            "n_diversity_prompts": len(div_metas), "wall_s": round(time.time() - t0, 1), "rows": rows}
+    (out / "results.json").write_text(json.dumps(info, indent=2))
+    header = (f"ShapeWorld results: {len(metas)} test captions ({len(metas) // len(TAGS)} per tag), "
+              f"fixed seeds, CFG {cfg_scale:g} picked on train-prompt validation "
+              f"{val_scores}. Strict ± 1 s.e.\n\n")
+    (out / "results.md").write_text(header + table + "\n")
+    # two captions of each tag (metas are grouped by tag), same columns in every band
+    per_tag = len(metas) // len(TAGS)
+    cols = [t * per_tag + j for t in range(len(TAGS)) for j in range(2)]
+    save_grid(out / "grid.png", {k: v[cols] for k, v in images.items()})
+    (out / "grid_prompts.txt").write_text(
+        "bands top to bottom: " + ", ".join(images) + "\ncolumns left to right:\n"
+        + "\n".join(metas[i]["prompt"] for i in cols) + "\n")
+    print(header + table, flush=True)
+    return info

@@ -1,0 +1,119 @@
+"""ShapeWorld models with the shipped weights: the teacher as a FlowBackbone, the tiny CLIP's retrieval.
+
+Both skip (with the reason) when the weights are not shipped yet; the text stack and a random-weight teacher
+built in code are tested regardless.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rtdmd_ray.models.base import FlowBackbone
+from rtdmd_ray.shapes import prompts as P
+from rtdmd_ray.shapes.backbone import (
+    SHIPPED_CLIP,
+    SHIPPED_TEACHER,
+    ShapesBackbone,
+    ShapesWeightsMissing,
+    sample,
+)
+from rtdmd_ray.shapes.text import build_text_encoder, build_tokenizer, tokenize
+
+needs_teacher = pytest.mark.skipif(
+    not (SHIPPED_TEACHER / "transformer").is_dir(),
+    reason=f"no shipped teacher at {SHIPPED_TEACHER} (rtdmd-ray shapes train-teacher)")
+needs_clip = pytest.mark.skipif(
+    not (SHIPPED_CLIP / "config.json").is_file(),
+    reason=f"no shipped tiny CLIP at {SHIPPED_CLIP} (rtdmd-ray shapes train-clip)")
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_tokenizer_round_trips_and_fits(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = build_tokenizer()
+    tok.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    prompts = [m["prompt"] for m in P.all_prompts()[::37]] + [""]
+    assert torch.equal(tokenize(tok, prompts), tokenize(loaded, prompts))
+    ids = tokenize(tok, prompts)
+    assert ids.shape == (len(prompts), P.MAX_TEXT_TOKENS)
+    assert (ids != tok.unk_token_id).all()  # every grammar word is in the vocabulary
+    enc = build_text_encoder(tok)
+    out = enc(input_ids=ids)
+    assert out.last_hidden_state.shape == (len(prompts), P.MAX_TEXT_TOKENS, 64)
+    assert out.pooler_output.shape[-1] == 64
+
+
+def test_random_teacher_round_trip(tmp_path):
+    from rtdmd_ray.shapes.train_teacher import TeacherTrainConfig, build_transformer, save_pretrained_dir
+
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    cfg = TeacherTrainConfig(out=str(tmp_path), num_layers=1)
+    save_pretrained_dir(tmp_path / "t", build_transformer(cfg), build_text_encoder(tok), tok, {"step": 0})
+    bb = ShapesBackbone.from_pretrained(tmp_path / "t")
+    assert isinstance(bb, FlowBackbone) and bb.family == "sd3"
+    assert bb.latent_shape(32) == (12, 16, 16)
+    sig = bb.sigma_schedule((1000, 750, 500, 250), 32)
+    assert sig[0] == 1.0 and sig[-1] == 0.0 and len(sig) == 5
+    x = torch.randn(2, 12, 16, 16)
+    cond = bb.encode_prompts(["a photo of a red circle", "an image of two squares"])
+    v1 = bb.velocity(x, torch.tensor([0.5, 0.5]), cond)
+    v3 = bb.velocity(x, torch.tensor([0.5, 0.5]), cond, guidance=3.0)
+    vu = bb.velocity(x, torch.tensor([0.5, 0.5]), bb.empty_conditioning(2))
+    torch.testing.assert_close(v3, vu + 3.0 * (v1 - vu), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ShapesWeightsMissing, match="train-teacher"):
+        ShapesBackbone.from_pretrained(tmp_path / "nothing")
+    with pytest.raises(ValueError, match="resolution_px"):
+        bb.latent_shape(64)
+
+
+@needs_teacher
+def test_shipped_teacher_samples_in_4_steps():
+    bb = ShapesBackbone.from_pretrained(None)
+    metas = P.balanced_eval_prompts(P.test_prompts(0), 2, seed=0)
+    g = torch.Generator().manual_seed(0)
+    sigmas = bb.sigma_schedule((1000, 750, 500, 250), 32)
+    imgs = sample(bb, [m["prompt"] for m in metas], sigmas, guidance=4.0, generator=g)
+    assert imgs.shape == (12, 3, 32, 32) and imgs.min() >= 0 and imgs.max() <= 1
+    # a trained teacher draws saturated palette objects on a black background, not noise
+    dark = (imgs.max(1).values < 0.2).float().mean()
+    assert dark > 0.4
+
+
+@needs_clip
+def test_shipped_tiny_clip_retrieves_above_chance():
+    from transformers import CLIPModel
+
+    from rtdmd_ray.shapes.train_clip import retrieval_accuracy
+
+    model = CLIPModel.from_pretrained(SHIPPED_CLIP)
+    acc = retrieval_accuracy(model, build_tokenizer(), n_batches=2, batch_size=32, seed=7)
+    assert acc["image_to_text_top1"] > 5 * acc["chance"]
+
+
+@needs_clip
+def test_tiny_clip_loads_through_clipscore():
+    from rtdmd_ray.rewards.clipscore import CLIPScoreScorer
+    from rtdmd_ray.shapes.render import render_batch
+
+    sc = CLIPScoreScorer(model=str(SHIPPED_CLIP), logit_divisor=1.0)
+    assert sc.tower.image_settings["size"] == 32
+    metas = P.balanced_eval_prompts(P.test_prompts(0), 4, seed=3)
+    imgs = render_batch(metas, np.random.default_rng(0))
+    right = sc(imgs, [m["prompt"] for m in metas])["clipscore"]
+    wrong = sc(imgs, [m["prompt"] for m in metas[::-1]])["clipscore"]
+    assert right.mean() > wrong.mean()
+    x = imgs.clone().requires_grad_(True)
+    sc.score_differentiable(x, [m["prompt"] for m in metas]).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
