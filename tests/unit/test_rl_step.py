@@ -237,3 +237,17 @@ def test_nan_reward_is_quarantined(env):
     group = [i for i, p in enumerate(batch.prompts) if p == batch.prompts[0] and i != 0]
     others = [i for i, p in enumerate(batch.prompts) if p != batch.prompts[0]]
     assert abs(float(adv[group].mean())) < 1e-5 and abs(float(adv[others].sum())) < 1e-4
+
+
+def test_one_epoch_stale_rollouts_give_a_real_ratio(env):
+    """What ``grpo.max_policy_lag: 1`` does: rollouts of version v trained by a learner already at v + 1."""
+    rl, s = env["rl"], env["state"]
+    sync(env)
+    batch, scores = rollout(env, s.iteration)
+    rl.run_epoch(batch, scores, s.iteration, max_policy_lag=0)  # the learner moves on to v + 1
+    stale, stale_scores = rollout(env, s.iteration)  # the sampler still holds v
+    assert stale.policy_version == s.iteration - 1
+    m = rl.run_epoch(stale, stale_scores, s.iteration, max_policy_lag=1)
+    assert m["rollout/policy_lag"] == 1.0
+    assert m["learner/ppo/ratio_max_dev"] > 1e-6  # the ratio is real now
+    assert m["learner/ppo/clip_frac"] > 0.0  # and the 1e-5 clip range binds
