@@ -26,7 +26,7 @@ from rtdmd_ray.shapes.backbone import SHIPPED_CLIP, ShapesBackbone, sample
 from rtdmd_ray.shapes.prompts import TAGS, balanced_eval_prompts, split_prompts
 
 FOUR_STEPS = (1000, 750, 500, 250)
-DEFAULT_CFG_GRID = (2.0, 3.0, 4.0, 5.0, 7.0)
+DEFAULT_CFG_GRID = (3.0, 4.5, 6.0)
 
 
 def fifty_step_sigmas(backbone: ShapesBackbone) -> list[float]:
