@@ -56,6 +56,7 @@ class TeacherTrainConfig:
     ckpt_minutes: float = 5.0
     threads: int = 2
     calib_steps: int = 40
+    stop_after_steps: int | None = None  # checkpoint and return early (simulates an interruption in tests)
 
 
 def build_transformer(cfg: TeacherTrainConfig) -> SD3Transformer2DModel:
@@ -214,6 +215,11 @@ def train_teacher(cfg: TeacherTrainConfig) -> Path:
         step += 1
         loss_acc, n_acc, gn_acc = loss_acc + float(loss.detach()), n_acc + 1, gn_acc + gn
         bar.update(1)
+        if cfg.stop_after_steps is not None and step >= cfg.stop_after_steps:
+            elapsed_s = time.time() - t_start
+            checkpoint()
+            bar.close()
+            return out / "latest"
         if step % 50 == 0:
             rec = {"step": step, "elapsed_s": round(time.time() - t_start, 1), "loss": loss_acc / n_acc,
                    "grad_norm": gn_acc / n_acc, "lr": lr, "progress": round(progress, 4)}
