@@ -83,11 +83,13 @@ def train(
         # policy version = epochs (generator updates) done; samplers start from the learner's weights
         start = learners.load_checkpoint(str(resume_from)) if resume_from else 0
         version = start
-        sync_metrics = connect_weight_sync(cfg, learners, samplers, version)
+        connected = connect_weight_sync(cfg, learners, samplers, version)
         logger = MetricsLogger(cfg=cfg.logging, output_dir=out, total_iterations=t.iterations,
                                start_iteration=start, run_config=to_dict(cfg))
         logger.write(f"rtdmd: {cfg.summary()}")
         logger.write(f"learner: {learners.info}; resumed from {resume_from or 'nothing (fresh start)'}")
+        logger.write(f"weight sync: policy v{version} ({connected['sync/bytes']:.0f} bytes) reached "
+                     f"{len(samplers)} sampler(s) in {connected['sync/seconds']:.2f} s")
 
         def sample(epoch: int, policy_version: int) -> tuple[list[Any], tuple[int, ...]]:
             steps = epoch_train_steps(g, t.seed, epoch)
@@ -119,8 +121,7 @@ def train(
             m["timing/update_s"] = time.perf_counter() - t0
             version = epoch + 1
             # ---------------------------------------------------------------- SYNC WEIGHTS
-            m |= sync_weights(learners, samplers, version) | sync_metrics
-            sync_metrics = {}
+            m |= sync_weights(learners, samplers, version)
             if not g.max_policy_lag and epoch + 1 < t.iterations:  # on-policy: sample with the new weights
                 in_flight = sample(epoch + 1, version)
             # ---------------------------------------------------------------- LOG / CHECKPOINT
