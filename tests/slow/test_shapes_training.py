@@ -46,5 +46,5 @@ def test_teacher_loss_decreases(tmp_path):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        first = first if first is not None else float(loss)
+        first = first if first is not None else float(loss.detach())
     assert float(loss) < 0.5 * first
