@@ -1,0 +1,29 @@
+"""The RL driver's entry checks (no Ray): `rtdmd-ray train` refuses a config of another stage before any actor
+starts, and the shipped RL configs pass the check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rtdmd_ray.config import ConfigError, load_config
+from rtdmd_ray.driver import check_rl_config
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def test_train_refuses_another_stage_before_starting_ray(monkeypatch):
+    import ray
+
+    from rtdmd_ray.cli import main
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("ray.init must not run for a bad config"))
+    with pytest.raises(ConfigError, match="stage: rtdmd"):
+        main(["train", str(CONFIGS / "debug" / "tiny_sd3.yaml"), "stage=cold_start"])
+
+
+@pytest.mark.parametrize("name", ["debug/tiny_sd3.yaml", "rtdmd/shapes.yaml", "rtdmd/sd35m.yaml"])
+def test_shipped_rl_configs_pass_the_driver_check(name):
+    cfg = check_rl_config(load_config(CONFIGS / name))
+    assert cfg.images_per_rank_per_epoch % cfg.grpo.micro_batch_images_per_rank == 0
