@@ -74,7 +74,9 @@ def run_quickstart(
         _banner(f"AC-DMD cold start: {cold_start_iterations} iterations on a local Ray learner group")
         cfg = load_config(
             REPO_ROOT / "configs" / "cold_start" / "shapes.yaml",
-            [f"train.iterations={cold_start_iterations}", f"train.output_dir={out / 'cold_start'}"],
+            # the in-training eval is off here: the eval stage below makes the report
+            [f"train.iterations={cold_start_iterations}", f"train.output_dir={out / 'cold_start'}",
+             "eval.enabled=false"],
         )
         res = run_cold_start(cfg)
         print(f"cold start: iteration {res['iteration']}, checkpoint {res['checkpoint']}")
@@ -85,7 +87,7 @@ def run_quickstart(
         _banner(f"RTDMD RL: {rl_epochs} epochs (samplers, reward pool, learner group, weight sync)")
         cfg = load_config(
             REPO_ROOT / "configs" / "rtdmd" / "shapes.yaml",
-            [f"train.iterations={rl_epochs}", f"train.output_dir={out / 'rtdmd'}"],
+            [f"train.iterations={rl_epochs}", f"train.output_dir={out / 'rtdmd'}", "eval.enabled=false"],
         )
         res = train(cfg)
         print(f"RL: {res['epochs']} epochs, policy version {res['policy_version']}, lora {res['final_lora']}")
