@@ -23,8 +23,8 @@ Layout under the output dir (``train.output_dir`` unless ``--out``)::
 
 from __future__ import annotations
 
+import hashlib
 import json
-import logging
 import math
 import os
 import re
@@ -45,8 +45,6 @@ from rtdmd_ray.inference import (
     image_seed,
     png_info,
 )
-
-logger = logging.getLogger(__name__)
 
 SENTINEL = -10.0
 # §3.4: the file a prompt-set directory resolves to, first match wins
@@ -421,6 +419,8 @@ class RowState:
     dir: Path
     # file -> {reward: {key: value}}, only for records whose seed and hash match
     scores: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    # reward -> scorer_key: scores recorded under another key (other weights or options) are not reused
+    scorer_keys: dict[str, str] = field(default_factory=dict)
     generate_s: float = 0.0
     score_s: float = 0.0
     generated: int = 0
@@ -431,8 +431,23 @@ class RowState:
         return self.dir / "records.jsonl"
 
 
+def scorer_key(name: str, rewards: RewardsConfig) -> str:
+    """12 hex digits identifying how reward ``name`` scores: its options (a local model dir by a fingerprint
+    of its files) and checkpoint root. Recorded with every score; resume reuses only scores with the same
+    key."""
+    from rtdmd_ray.inference import dir_fingerprint
+
+    opts = {}
+    for k, v in sorted(dict(rewards.options.get(name, {})).items()):
+        local = resolve_path(v) if isinstance(v, str) and v else None
+        opts[k] = [v, dir_fingerprint(local)] if local is not None and local.exists() else v
+    ckpt = rewards.ckpt_dir or os.environ.get("RTDMD_REWARD_CKPT_PATH", "")
+    blob = json.dumps({"name": name, "options": opts, "ckpt_dir": ckpt}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
 def _load_records(state: RowState, expected: Mapping[str, int]) -> None:
-    """Read ``records.jsonl``; keep scores whose file, seed and config hash match the current plan."""
+    """Read ``records.jsonl``; keep scores whose file, seed, config hash and scorer key match the plan."""
     if not state.records_path.exists():
         return
     for line in state.records_path.read_text().splitlines():
@@ -445,6 +460,7 @@ def _load_records(state: RowState, expected: Mapping[str, int]) -> None:
             f in expected
             and rec.get("seed") == expected[f]
             and rec.get("config_hash") == state.row.config_hash
+            and rec.get("scorer") == state.scorer_keys.get(rec.get("reward"))
         ):
             state.scores.setdefault(f, {})[rec["reward"]] = rec["scores"]
 
@@ -605,11 +621,12 @@ def run_eval(
     expected = {s.file_name(i): image_seed(e.seed, i) for s in sets for i in range(len(s.records))}
     items = [(s, i) for s in sets for i in range(len(s.records))]
 
+    keys = {name: scorer_key(name, cfg.rewards) for name in e.reward_weights}
     states: list[RowState] = []
     todo_gen: dict[str, list[tuple[PromptSet, int]]] = {}
     todo_score: dict[str, list[tuple[PromptSet, int, tuple[str, ...]]]] = {}
     for row in rows:
-        st = RowState(row=row, dir=out / row.dirname)
+        st = RowState(row=row, dir=out / row.dirname, scorer_keys=keys)
         states.append(st)
         if row.skipped:
             print(f"eval row {row.name!r} skipped: {row.skipped}")
@@ -692,7 +709,13 @@ def _compact_records(st: RowState) -> None:
         for fname, by_reward in st.scores.items():
             index = int(fname.rsplit("_", 1)[1].split(".")[0])
             for reward, vals in by_reward.items():
-                rec = {"file": fname, "seed": image_seed(seed, index), "config_hash": chash, "reward": reward}
+                rec = {
+                    "file": fname,
+                    "seed": image_seed(seed, index),
+                    "config_hash": chash,
+                    "reward": reward,
+                    "scorer": st.scorer_keys.get(reward),
+                }
                 f.write(json.dumps({**rec, "scores": vals}) + "\n")
     tmp.replace(st.records_path)
 
@@ -789,6 +812,7 @@ def _score_row(
                                 "seed": image_seed(seed, i),
                                 "config_hash": row.config_hash,
                                 "reward": reward,
+                                "scorer": st.scorer_keys.get(reward),
                                 "scores": vals,
                             }
                         )
