@@ -190,3 +190,50 @@ def save_grid(images: torch.Tensor, path: Path, columns: int = 8) -> None:
     arr = (canvas.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(arr).resize((columns * w * 2, rows * h * 2), Image.NEAREST).save(path)
+
+
+def shapes_lora_rows(
+    lora_paths: list[str],
+    *,
+    label: str = "AC-DMD",
+    teacher_dir: str | None = None,
+    clip_dir: str | None = None,
+    n_captions: int = 1002,
+    seed: int = 0,
+    threads: int = 2,
+) -> dict[str, dict[str, Any]]:
+    """Rows of the ``rtdmd-ray shapes eval`` table for the teacher with ``lora_paths`` merged (4 NFE, no CFG).
+
+    Uses that command's own functions, captions and seeds (``shapes.evaluate``), so the rows sit next to its
+    teacher rows: ``"<label>, 4 NFE CPS η=0.9"`` (the generator's training sampler) and
+    ``"<label>, 4 NFE Euler"``.
+    """
+    from rtdmd_ray.models.lora import merge_lora_files
+    from rtdmd_ray.rewards.shapes_geneval import ShapesGenevalScorer
+    from rtdmd_ray.shapes import evaluate as sev
+    from rtdmd_ray.shapes.backbone import SHIPPED_CLIP, ShapesBackbone
+    from rtdmd_ray.shapes.prompts import TAGS, balanced_eval_prompts, split_prompts
+
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+    backbone = ShapesBackbone.from_pretrained(teacher_dir)
+    merge_lora_files(backbone.transformer, lora_paths)
+    scorer = ShapesGenevalScorer()
+    metas = balanced_eval_prompts(split_prompts(0)[1], n_captions // len(TAGS), seed=seed)
+    div_metas = metas[:: max(1, len(metas) // 60)][:60]
+    sigmas = backbone.sigma_schedule(sev.FOUR_STEPS, 32)
+    clip_path = Path(clip_dir) if clip_dir else SHIPPED_CLIP
+    clip = None
+    if (clip_path / "config.json").is_file():
+        from rtdmd_ray.rewards.clipscore import CLIPScoreScorer
+
+        clip = CLIPScoreScorer(model=str(clip_path), logit_divisor=1.0)
+    rows: dict[str, dict[str, Any]] = {}
+    for name, eta in ((f"{label}, 4 NFE CPS η=0.9", 0.9), (f"{label}, 4 NFE Euler", 0.0)):
+        imgs = sev.generate(backbone, metas, sigmas, cfg=1.0, eta=eta, seed=seed)
+        rows[name] = sev.score_images(imgs, metas, scorer)
+        rows[name]["diversity"] = sev.diversity(backbone, div_metas, sigmas, cfg=1.0, eta=eta, scorer=scorer)
+        if clip is not None:
+            with torch.no_grad():
+                rows[name]["tiny_clip"] = float(clip(imgs, [m["prompt"] for m in metas])["clipscore"].mean())
+    return rows
