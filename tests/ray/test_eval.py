@@ -104,6 +104,10 @@ def test_resume_skips_what_is_on_disk(cfg, workers, tmp_path):
     fourth = run_eval(more, out_dir=out, progress=False, workers=workers)
     assert (fourth["rows"][0]["generated_now"], fourth["rows"][0]["scored_now"]) == (0, 5)
     assert "latency" in fourth["rows"][0]["scores"]
+    # another scorer setting rescores that reward only
+    faster = apply_overrides(more, ["rewards.options={latency: {seconds_per_batch: 0.0}}"])
+    rescored = run_eval(faster, out_dir=out, progress=False, workers=workers)
+    assert (rescored["rows"][0]["generated_now"], rescored["rows"][0]["scored_now"]) == (0, 5)
 
     # another sampler setting is another config hash: everything is made again
     eta = apply_overrides(cfg, ["eval.noise_level=0.5"])

@@ -196,3 +196,18 @@ def test_sample_cli_writes_pngs(tmp_path, capsys):
     assert arr.shape == (16, 16, 3) and info[PNG_SEED_KEY] == str(image_seed(5, 1))
     meta = json.loads((out / "sample.json").read_text())
     assert meta["prompts"] == ["a cat", "a dog"] and meta["loras"] == [] and meta["base_seed"] == 5
+
+
+def test_scorer_key_tracks_scorer_settings(cfg, tmp_path):
+    from rtdmd_ray.evaluate import scorer_key
+
+    base = scorer_key("clipscore", cfg.rewards)
+    model = tmp_path / "clip"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"weights v1")
+    with_model = apply_overrides(cfg, [f"rewards.options={{clipscore: {{model: {model}}}}}"])
+    k1 = scorer_key("clipscore", with_model.rewards)
+    (model / "model.safetensors").write_bytes(b"weights v2")  # retrained in place: another key
+    k2 = scorer_key("clipscore", with_model.rewards)
+    assert len({base, k1, k2}) == 3
+    assert scorer_key("clipscore", with_model.rewards) == k2 and scorer_key("pickscore", cfg.rewards) != base
