@@ -108,8 +108,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = _load(args)
         loras = None if args.lora is None else [p for p in args.lora if p.lower() != "none"]
         out = args.out or str(resolve_path(cfg.train.output_dir) / "samples")
-        paths = sample_to_dir(cfg, args.prompt, out, lora_paths=loras, seed=args.seed,
-                              images_per_prompt=args.images_per_prompt)
+        try:
+            paths = sample_to_dir(cfg, args.prompt, out, lora_paths=loras, seed=args.seed,
+                                  images_per_prompt=args.images_per_prompt)
+        except FileNotFoundError as e:  # missing weights / LoRA files: the message says which key to fix
+            print(f"sample: {e}", file=sys.stderr)
+            return 2
         print(f"sample: wrote {len(paths)} image(s) to {out}")
         return 0
     if args.verb == "eval":
@@ -117,10 +121,15 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("eval generates the configured prompt sets (eval.prompt_file / eval.dataset_map / "
                          "data.kind); --prompt is not used there. Use `rtdmd-ray sample CONFIG --prompt ...` "
                          "for your own prompts, or point eval.prompt_file at a file of them")
+        from rtdmd_ray.config import ConfigError
         from rtdmd_ray.evaluate import run_eval
 
         cfg = _load(args)
-        run_eval(cfg, out_dir=args.out, progress=not args.no_progress)
+        try:
+            run_eval(cfg, out_dir=args.out, progress=not args.no_progress)
+        except (FileNotFoundError, ConfigError) as e:  # missing files / bad eval.rows: say which key to fix
+            print(f"eval: {e}", file=sys.stderr)
+            return 2
         return 0
     parser.error(f"unknown verb {args.verb}")
     return 2
