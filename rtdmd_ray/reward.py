@@ -189,14 +189,17 @@ class RewardPool:
 
 
 def reward_metrics(scored: ScoredBatch) -> dict[str, float]:
-    """``reward/<name>/mean`` (over valid samples), ``reward/total/mean`` and ``reward/total/quarantined``."""
+    """``reward/<name>/mean`` per scorer key (finite values; the ``-10`` not-applicable sentinel of per-tag
+    keys left out, as in eval), ``reward/total/mean|std`` over valid samples, ``reward/total/quarantined``."""
+    from rtdmd_ray.rewards._common import SENTINEL
+
     valid = scored.valid
     out = {"reward/total/quarantined": float(scored.num_quarantined)}
     if bool(valid.any()):
         out["reward/total/mean"] = float(scored.total[valid].mean())
         out["reward/total/std"] = float(scored.total[valid].std(correction=0))
     for name, values in scored.scores.items():
-        finite = torch.isfinite(values)
-        if bool(finite.any()):
-            out[f"reward/{name}/mean"] = float(values[finite].mean())
+        keep = torch.isfinite(values) & (values != SENTINEL)
+        if bool(keep.any()):
+            out[f"reward/{name}/mean"] = float(values[keep].mean())
     return out

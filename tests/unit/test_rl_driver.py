@@ -27,3 +27,19 @@ def test_train_refuses_another_stage_before_starting_ray(monkeypatch):
 def test_shipped_rl_configs_pass_the_driver_check(name):
     cfg = check_rl_config(load_config(CONFIGS / name))
     assert cfg.images_per_rank_per_epoch % cfg.grpo.micro_batch_images_per_rank == 0
+
+
+def test_reward_metrics_skip_quarantined_and_not_applicable():
+    import math
+
+    import torch
+
+    from rtdmd_ray.reward import reward_metrics
+    from rtdmd_ray.types import ScoredBatch
+
+    scores = {"a": torch.tensor([1.0, float("nan"), 3.0]), "a_colors": torch.tensor([-10.0, 0.5, 1.0])}
+    scored = ScoredBatch.from_scores(scores, {"a": 2.0})
+    m = reward_metrics(scored)
+    assert m["reward/total/quarantined"] == 1 and m["reward/total/mean"] == 4.0  # (2 + 6) / 2
+    assert m["reward/a/mean"] == 2.0 and m["reward/a_colors/mean"] == 0.75
+    assert all(not math.isnan(v) for v in m.values())
