@@ -606,7 +606,7 @@ class DataConfig:
     """
 
     kind: Literal["prompt_file", "inline", "shapes"] = "prompt_file"
-    dataset_dir: str = "../shared/datasets"
+    dataset_dir: str = "data/prompts"
     train_prompt_file: str = "pickscore/train.txt"
     prompts: tuple[str, ...] = ()
 

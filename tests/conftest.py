@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATASETS = REPO_ROOT.parent / "shared" / "datasets"
+PROMPT_SETS = REPO_ROOT / "data" / "prompts"  # vendored copies of the public prompt sets
 
 for _k, _v in {
     "HF_HUB_OFFLINE": "1",

@@ -108,9 +108,9 @@ def test_vqa_lookup_loading(tmp_path):
 def test_shipped_geneval2_test_set_parses():
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "geneval2" / "test.jsonl"
+    path = Path(__file__).resolve().parents[2] / "data" / "prompts" / "geneval2" / "test.jsonl"
     if not path.is_file():
-        pytest.skip("shared datasets not present")
+        pytest.skip("vendored prompt sets not present (data/prompts)")
     lookup = load_vqa_lookup(path)
     assert len(lookup) == 800 and all(3 <= len(v) <= 11 for v in lookup.values())
 
