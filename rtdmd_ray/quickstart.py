@@ -68,6 +68,12 @@ def run_quickstart(
             "`rtdmd-ray shapes train-teacher` (see README) or check out the full repository"
         )
 
+    # RL starts from the shipped AC-DMD LoRA when there is one, else from this run's own cold start
+    init_ckpt: Path | None = None
+    shipped = REPO_ROOT / "rtdmd_ray" / "shapes" / "assets" / "acdmd"
+    if (shipped / "generator_ema.safetensors").exists():
+        init_ckpt = shipped
+
     if "cold-start" in stages:
         from rtdmd_ray.learner import run_cold_start
 
@@ -80,14 +86,23 @@ def run_quickstart(
         )
         res = run_cold_start(cfg)
         print(f"cold start: iteration {res['iteration']}, checkpoint {res['checkpoint']}")
+        if init_ckpt is None:
+            init_ckpt = Path(res["checkpoint"])
 
     if "rl" in stages:
         from rtdmd_ray.driver import train
 
+        if init_ckpt is None:
+            raise SystemExit(
+                "the RL stage starts from an AC-DMD LoRA: none is shipped yet under "
+                f"{shipped}; include the cold-start stage (--stages cold-start,rl)"
+            )
         _banner(f"RTDMD RL: {rl_epochs} epochs (samplers, reward pool, learner group, weight sync)")
         cfg = load_config(
             REPO_ROOT / "configs" / "rtdmd" / "shapes.yaml",
-            [f"train.iterations={rl_epochs}", f"train.output_dir={out / 'rtdmd'}", "eval.enabled=false"],
+            [f"train.iterations={rl_epochs}", f"train.output_dir={out / 'rtdmd'}", "eval.enabled=false",
+             f"model.generator_lora.load_path={init_ckpt / 'generator_ema.safetensors'}",
+             f"model.fake_score_lora.load_path={init_ckpt / 'fake_score.safetensors'}"],
         )
         res = train(cfg)
         print(f"RL: {res['epochs']} epochs, policy version {res['policy_version']}, lora {res['final_lora']}")
