@@ -68,6 +68,14 @@ def run_quickstart(
             "`rtdmd-ray shapes train-teacher` (see README) or check out the full repository"
         )
 
+    if set(stages) & {"cold-start", "rl", "eval"}:
+        import ray
+
+        if not ray.is_initialized():
+            # one private local cluster for every stage; logical CPUs are scheduling slots, so the RL topology
+            # (learners + sampler + reward workers, 4+ slots) fits on a 2-core machine
+            ray.init(address="local", num_cpus=8, include_dashboard=False)
+
     # RL starts from the shipped AC-DMD LoRA when there is one, else from this run's own cold start
     init_ckpt: Path | None = None
     shipped = REPO_ROOT / "rtdmd_ray" / "shapes" / "assets" / "acdmd"
