@@ -1,8 +1,9 @@
 """Periodic evaluation on a learner rank: the (EMA) generator samples fixed prompts with fixed seeds and the
 configured eval rewards score them (spec algorithms.md §2.10).
 
-* Prompts: ShapeWorld (``data.kind: shapes``) uses ``eval.num_prompts`` test-split captions balanced over the
-  six tags (with GenEval metadata for ``shapes_geneval``); otherwise ``eval.prompt_file`` /
+* Prompts: ShapeWorld (``data.kind: shapes``) uses ``eval.num_prompts`` validation captions balanced over the
+  six tags, drawn from the train split like ``shapes eval``'s CFG validation (the test split stays for the
+  final table, so choices made while watching training never see it); otherwise ``eval.prompt_file`` /
   ``eval.dataset_map`` route each reward to its prompt file (capped at ``eval.num_prompts`` when > 0).
 * Image ``i``'s initial noise and CPS noise come from a generator seeded by ``(eval.seed, i)``, so an image
   depends only on its prompt index, the seed and the weights: not on the world size, batch size or the
@@ -34,11 +35,11 @@ def eval_datasets(
     """``{dataset name: (prompt records, reward names scored on it)}`` for the eval rewards."""
     names = list(eval_cfg.reward_weights)
     if data.kind == "shapes":
-        from rtdmd_ray.shapes.prompts import TAGS, balanced_eval_prompts, test_prompts
+        from rtdmd_ray.shapes.prompts import TAGS, balanced_eval_prompts, train_prompts
 
         n = eval_cfg.num_prompts or 600
-        recs = balanced_eval_prompts(test_prompts(0), max(1, n // len(TAGS)), eval_cfg.seed)
-        return {"shapes_test": (recs, names)}
+        recs = balanced_eval_prompts(train_prompts(0), max(1, n // len(TAGS)), eval_cfg.seed + 999)
+        return {"shapes_validation": (recs, names)}
     from rtdmd_ray.cold_start import load_prompt_records
     from rtdmd_ray.rewards.multi import route_rewards_to_datasets
 
