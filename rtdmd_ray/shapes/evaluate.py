@@ -143,43 +143,95 @@ def save_grid(path: Path, rows: dict[str, torch.Tensor], n_cols: int = 12, scale
     Image.fromarray(arr).resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.NEAREST).save(path)
 
 
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")[:80]
+
+
 def run_eval(*, teacher_dir: str | None, clip_dir: str | None, out_dir: str, n_captions: int = 1002,
              cfg_scale: float | None = None, threads: int = 2, seed: int = 0,
-             n_diversity_prompts: int = 60) -> dict[str, Any]:
-    """Write ``results.md``, ``results.json`` and ``grid.png`` under ``out_dir``; returns the results."""
+             n_diversity_prompts: int = 60, lora_rows: dict[str, list[str]] | None = None,
+             teacher_rows: bool = True, recompute: bool = False) -> dict[str, Any]:
+    """Write ``results.md``, ``results.json`` and ``grid.png`` under ``out_dir``; returns the results.
+
+    ``lora_rows`` maps a label to LoRA files merged into the teacher in order (cold start first, then RL);
+    each gives the row ``"<label>, 4 NFE CPS η=0.9"``: no CFG, the 4-step CPS sampler the generator was
+    trained with.
+    Rows already in ``out_dir/results.json`` with the same teacher, captions, seed and CFG (and LoRA files of
+    the same size and mtime) are reused, so adding a model's row re-runs only that row.
+    """
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "rows").mkdir(exist_ok=True)
     t0 = time.time()
     backbone = ShapesBackbone.from_pretrained(teacher_dir)
     scorer = ShapesGenevalScorer()
+    old = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
     val_scores = None
+    if cfg_scale is None and not recompute and old.get("cfg") is not None:
+        cfg_scale, val_scores = old["cfg"], old.get("cfg_validation")
     if cfg_scale is None:
         cfg_scale, val_scores = pick_cfg(backbone, scorer, seed=seed)
     print(f"cfg = {cfg_scale}", flush=True)
     _, test = split_prompts(0)
     metas = balanced_eval_prompts(test, n_captions // len(TAGS), seed=seed)
-    configs = {
-        f"teacher 50 NFE Euler, CFG {cfg_scale:g}": (fifty_step_sigmas(backbone), 0.0),
-        f"teacher 4 NFE Euler, CFG {cfg_scale:g}": (backbone.sigma_schedule(FOUR_STEPS, 32), 0.0),
-        f"teacher 4 NFE CPS η=0.9, CFG {cfg_scale:g}": (backbone.sigma_schedule(FOUR_STEPS, 32), 0.9),
-    }
+    # grid: two captions of each tag (metas are grouped by tag), same columns in every band
+    per_tag = len(metas) // len(TAGS)
+    cols = [t * per_tag + j for t in range(len(TAGS)) for j in range(2)]
+    div_metas = metas[:: max(1, len(metas) // n_diversity_prompts)][:n_diversity_prompts]
+    same = (not recompute and old.get("teacher") == str(teacher_dir or "shipped")
+            and old.get("n_captions") == len(metas) and old.get("seed", 0) == seed
+            and old.get("cfg") == cfg_scale and old.get("n_diversity_prompts") == len(div_metas))
+    cached: dict[str, dict[str, Any]] = old.get("rows", {}) if same else {}
+
+    # name -> (LoRA files, sigmas, eta, cfg)
+    plan: dict[str, tuple[list[str], list[float], float, float]] = {}
+    four = backbone.sigma_schedule(FOUR_STEPS, 32)
+    if teacher_rows:
+        plan[f"teacher 50 NFE Euler, CFG {cfg_scale:g}"] = ([], fifty_step_sigmas(backbone), 0.0, cfg_scale)
+        plan[f"teacher 4 NFE Euler, CFG {cfg_scale:g}"] = ([], four, 0.0, cfg_scale)
+        plan[f"teacher 4 NFE CPS η=0.9, CFG {cfg_scale:g}"] = ([], four, 0.9, cfg_scale)
+    for label, paths in (lora_rows or {}).items():
+        for p in paths:
+            if not Path(p).is_file():
+                raise FileNotFoundError(f"--lora {label}: no LoRA file at {p} (train it or fix the path)")
+        plan[f"{label}, 4 NFE CPS η=0.9"] = (list(paths), four, 0.9, 1.0)
+
+    def fingerprint(paths: list[str]) -> list[list[Any]]:
+        return [[str(p), Path(p).stat().st_size, int(Path(p).stat().st_mtime)] for p in paths]
+
     rows: dict[str, dict[str, Any]] = {}
     images: dict[str, torch.Tensor] = {}
     from rtdmd_ray.shapes.render import render_batch
 
     gt = render_batch(metas, np.random.default_rng(seed))
     rows["ground-truth renders"] = score_images(gt, metas, scorer)
-    images["ground-truth renders"] = gt
-    div_metas = metas[:: max(1, len(metas) // n_diversity_prompts)][:n_diversity_prompts]
-    for name, (sig, eta) in configs.items():
+    images["ground-truth renders"] = gt[cols]
+    full: dict[str, torch.Tensor] = {"ground-truth renders": gt}
+    for name, (paths, sig, eta, cfg) in plan.items():
+        grid_file = out / "rows" / f"{_slug(name)}.pt"
+        hit = cached.get(name)
+        if hit is not None and hit.get("lora") == fingerprint(paths) and grid_file.is_file():
+            rows[name] = hit
+            images[name] = torch.load(grid_file)
+            print(f"{name}: strict {hit['strict']:.3f} (reused from {out / 'results.json'})", flush=True)
+            continue
         t = time.time()
-        imgs = generate(backbone, metas, sig, cfg=cfg_scale, eta=eta, seed=seed)
+        model = backbone
+        if paths:
+            from rtdmd_ray.models.lora import merge_lora_files
+
+            model = ShapesBackbone.from_pretrained(teacher_dir)
+            merge_lora_files(model.transformer, paths)
+        imgs = generate(model, metas, sig, cfg=cfg, eta=eta, seed=seed)
         rows[name] = score_images(imgs, metas, scorer)
-        rows[name]["diversity"] = diversity(backbone, div_metas, sig, cfg=cfg_scale, eta=eta, scorer=scorer)
+        rows[name]["diversity"] = diversity(model, div_metas, sig, cfg=cfg, eta=eta, scorer=scorer)
         rows[name]["seconds"] = round(time.time() - t, 1)
-        images[name] = imgs
+        rows[name]["lora"] = fingerprint(paths)
+        images[name] = imgs[cols]
+        full[name] = imgs
+        torch.save(images[name], grid_file)
         print(f"{name}: strict {rows[name]['strict']:.3f} ({rows[name]['seconds']} s)", flush=True)
     # the tiny CLIP is loaded last, so it may still be training while the rows above are generated
     clip_path = Path(clip_dir) if clip_dir else SHIPPED_CLIP
@@ -187,7 +239,7 @@ def run_eval(*, teacher_dir: str | None, clip_dir: str | None, out_dir: str, n_c
         from rtdmd_ray.rewards.clipscore import CLIPScoreScorer
 
         clip = CLIPScoreScorer(model=str(clip_path), logit_divisor=1.0)
-        for name, imgs in images.items():
+        for name, imgs in full.items():
             with torch.no_grad():
                 rows[name]["tiny_clip"] = float(
                     clip(imgs, [m["prompt"] for m in metas])["clipscore"].mean())
@@ -195,17 +247,14 @@ def run_eval(*, teacher_dir: str | None, clip_dir: str | None, out_dir: str, n_c
         print(f"no tiny CLIP at {clip_path}: the tiny-CLIP column stays empty", flush=True)
     table = markdown_table(rows)
     info = {"teacher": str(teacher_dir or "shipped"), "teacher_meta": backbone.meta.get("step"),
-            "cfg": cfg_scale, "cfg_validation": val_scores, "n_captions": len(metas),
+            "cfg": cfg_scale, "cfg_validation": val_scores, "n_captions": len(metas), "seed": seed,
             "n_diversity_prompts": len(div_metas), "wall_s": round(time.time() - t0, 1), "rows": rows}
     (out / "results.json").write_text(json.dumps(info, indent=2))
     header = (f"ShapeWorld results: {len(metas)} test captions ({len(metas) // len(TAGS)} per tag), "
               f"fixed seeds, CFG {cfg_scale:g} picked on train-prompt validation "
               f"{val_scores}. Strict ± 1 s.e.\n\n")
     (out / "results.md").write_text(header + table + "\n")
-    # two captions of each tag (metas are grouped by tag), same columns in every band
-    per_tag = len(metas) // len(TAGS)
-    cols = [t * per_tag + j for t in range(len(TAGS)) for j in range(2)]
-    save_grid(out / "grid.png", {k: v[cols] for k, v in images.items()})
+    save_grid(out / "grid.png", images)
     (out / "grid_prompts.txt").write_text(
         "bands top to bottom: " + ", ".join(images) + "\ncolumns left to right:\n"
         + "\n".join(metas[i]["prompt"] for i in cols) + "\n")

@@ -117,3 +117,32 @@ def test_tiny_clip_loads_through_clipscore():
     x = imgs.clone().requires_grad_(True)
     sc.score_differentiable(x, [m["prompt"] for m in metas]).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@needs_teacher
+def test_shapes_eval_lora_rows_and_reuse(tmp_path):
+    """`rtdmd-ray shapes eval --lora`: a LoRA row is the teacher with the file merged; re-running reuses it, and
+    a changed file (new mtime/size) recomputes it. An all-zero LoRA must reproduce the no-CFG teacher."""
+    import os
+
+    from rtdmd_ray.models.lora import add_lora, lora_state, save_lora
+    from rtdmd_ray.shapes.evaluate import run_eval
+
+    teacher = ShapesBackbone.from_pretrained(None)
+    add_lora(teacher.transformer, "gen", family="sd3", rank=4, alpha=4.0, init=True, seed=0)  # B = 0
+    zero = save_lora(tmp_path / "zero.safetensors", lora_state(teacher.transformer, "gen"), rank=4, alpha=4.0)
+    kw = dict(teacher_dir=None, clip_dir=None, out_dir=str(tmp_path / "eval"), n_captions=12, cfg_scale=1.0,
+              threads=1, n_diversity_prompts=2, teacher_rows=False)
+    info = run_eval(lora_rows={"zero": [str(zero)]}, **kw)
+    row = info["rows"]["zero, 4 NFE CPS η=0.9"]
+    assert 0.0 <= row["strict"] <= 1.0 and row["lora"][0][0] == str(zero)
+    assert (tmp_path / "eval" / "grid.png").is_file()
+    # the zero LoRA changes nothing: same as the teacher's own 4-step CPS row without CFG
+    both = run_eval(lora_rows={"zero": [str(zero)]}, **{**kw, "teacher_rows": True})
+    assert both["rows"]["zero, 4 NFE CPS η=0.9"] == row  # reused, not recomputed
+    assert both["rows"]["teacher 4 NFE CPS η=0.9, CFG 1"]["strict"] == row["strict"]
+    os.utime(zero, (1, 1))  # a retrained file: recomputed
+    again = run_eval(lora_rows={"zero": [str(zero)]}, **kw)
+    assert again["rows"]["zero, 4 NFE CPS η=0.9"]["lora"] != row["lora"]
+    with pytest.raises(FileNotFoundError, match="no LoRA file"):
+        run_eval(lora_rows={"x": [str(tmp_path / "missing.safetensors")]}, **kw)
