@@ -61,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--out", default=None, help="output dir (default train.output_dir)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bars")
     ev.add_argument("--prompt", action="append", default=None, help=argparse.SUPPRESS)
+    pl = sub.add_parser("plot", help="reward curves (PNG, one per reward) from an RL run's metrics.jsonl")
+    pl.add_argument("run_dir", help="the run's train.output_dir")
+    pl.add_argument("--out", default=None, help="output dir (default <run_dir>/plots)")
+    pl.add_argument("--window", type=int, default=10, help="moving-average window in epochs")
     # overrides may also follow the flags (`sample CFG --prompt x eval.mode=teacher`)
     args, extra = parser.parse_known_args(argv)
     if extra:
@@ -129,6 +133,16 @@ def main(argv: list[str] | None = None) -> int:
             run_eval(cfg, out_dir=args.out, progress=not args.no_progress)
         except (FileNotFoundError, ConfigError) as e:  # missing files / bad eval.rows: say which key to fix
             print(f"eval: {e}", file=sys.stderr)
+            return 2
+        return 0
+    if args.verb == "plot":
+        from rtdmd_ray.plots import plot_rewards
+
+        try:
+            for path in plot_rewards(args.run_dir, args.out, window=args.window):
+                print(f"plot: wrote {path}")
+        except (FileNotFoundError, ValueError) as e:
+            print(f"plot: {e}", file=sys.stderr)
             return 2
         return 0
     parser.error(f"unknown verb {args.verb}")
