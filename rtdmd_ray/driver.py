@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -59,7 +60,8 @@ def train(
     from rtdmd_ray import checkpoint as ckpt
     from rtdmd_ray.cold_start import training_prompt_records
     from rtdmd_ray.logging_utils import MetricsLogger
-    from rtdmd_ray.reward import RewardPool, reward_metrics
+    from rtdmd_ray.metrics import RayMetrics, idle_fractions
+    from rtdmd_ray.reward import RewardPool, quarantine_warning, reward_metrics
     from rtdmd_ray.rl_step import RLLearnerGroup
     from rtdmd_ray.rollout import SamplerGroup, epoch_prompt_jobs, epoch_train_steps
     from rtdmd_ray.types import ScoredBatch
@@ -86,6 +88,7 @@ def train(
         connected = connect_weight_sync(cfg, learners, samplers, version)
         logger = MetricsLogger(cfg=cfg.logging, output_dir=out, total_iterations=t.iterations,
                                start_iteration=start, run_config=to_dict(cfg))
+        dashboard = RayMetrics(enabled=cfg.logging.ray_metrics, run=cfg.logging.run_name or out.name)
         logger.write(f"rtdmd: {cfg.summary()}")
         logger.write(f"learner: {learners.info}; resumed from {resume_from or 'nothing (fresh start)'}")
         logger.write(f"weight sync: policy v{version} ({connected['sync/bytes']:.0f} bytes) reached "
@@ -97,8 +100,17 @@ def train(
                                      policy_version=policy_version)
             return samplers.sample_async(jobs, steps), steps
 
+        def resync(want: int) -> None:  # a restarted sampler holds no weights: re-form the group, re-send
+            if learners.call("policy_version")[0] != want:
+                raise RuntimeError(f"a sampler died holding policy v{want} work but the learner moved on "
+                                   "(grpo.max_policy_lag: 1); resubmit the job to resume from its checkpoint")
+            logger.write(f"sampler restarted: re-syncing policy v{want} to every sampler")
+            connect_weight_sync(cfg, learners, samplers, want)
+
         def evaluate(epoch: int) -> None:
-            logger.log(epoch, learners.evaluate(str(out / "eval" / f"epoch_{epoch:06d}.png")))
+            em = learners.evaluate(str(out / "eval" / f"epoch_{epoch:06d}.png"))
+            logger.log(epoch, em)
+            dashboard.record(em)
 
         history: list[dict[str, float]] = []
         last_ckpt = str(resume_from) if resume_from else None
@@ -109,10 +121,12 @@ def train(
                 evaluate(epoch)  # on the learners (EMA generator) while the samplers work
             # ---------------------------------------------------------------- SAMPLE + SCORE (overlapped)
             jobs, steps = in_flight
-            scored_by_key, m = rewards.score(jobs)
+            scored_by_key, m = rewards.score(jobs, resubmit=lambda job: samplers.resubmit(job, resync))
             m["timing/sample_score_s"] = time.perf_counter() - t_epoch
             scored = ScoredBatch.cat([scored_by_key[j.key] for j in jobs])
-            m |= reward_metrics(scored)
+            m |= reward_metrics(scored) | samplers.epoch_stats(jobs)
+            if warning := quarantine_warning(scored, epoch):  # once per epoch, never averaged in silently
+                warnings.warn(warning, RuntimeWarning, stacklevel=1)
             if g.max_policy_lag and epoch + 1 < t.iterations:  # pipelined: next epoch on the current weights
                 in_flight = sample(epoch + 1, version)
             # ---------------------------------------------------------------- ADVANTAGE + UPDATE
@@ -128,8 +142,10 @@ def train(
             m |= {"rollout/images": float(scored.count), "rollout/train_steps": float(len(steps)),
                   "rollout/policy_version": float(version), "timing/epoch_s": time.perf_counter() - t_epoch}
             m["rollout/images_per_s"] = m["rollout/images"] / max(m["timing/sample_score_s"], 1e-9)
+            m |= idle_fractions(m, m["timing/epoch_s"])
             history.append(m)
             logger.log(epoch + 1, m, echo=(epoch + 1) % t.log_every_iterations == 0)
+            dashboard.record(m)  # the same keys and values as the jsonl line (metrics.prometheus_series)
             logger.advance(1, m)
             if (epoch + 1) % t.save_every_iterations == 0 or epoch + 1 == t.iterations:
                 last_ckpt = learners.save_checkpoint(str(out), t.keep_last_checkpoints)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import time
 import warnings
@@ -23,6 +24,9 @@ _SHORT = {
     "learner/generator/grad_norm": "g_gn",
     "eval/mean": "eval",
 }
+
+
+_PER_WORKER = re.compile(r"/(sampler|worker|rank)_\d+/")
 
 
 def _fmt(v: Any) -> str:
@@ -100,7 +104,11 @@ class MetricsLogger:
         if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=iteration)
         if self.cfg.stdout and echo:
-            shown = {k: v for k, v in metrics.items() if not k.startswith("timing/")}
+            # per-worker keys (``rollout/sampler_0/...``) stay in jsonl / wandb / the dashboard: the line
+            # would grow with the cluster
+            shown = {
+                k: v for k, v in metrics.items() if not k.startswith("timing/") and not _PER_WORKER.search(k)
+            }
             line = " ".join(f"{k}={_fmt(v)}" for k, v in shown.items())
             self.write(f"[{iteration}] {line}")
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,11 @@ class RewardWorker:
             options=resolve_scorer_options(rewards.options, rewards.weights),
         )
         self.images_scored, self.busy_s = 0, 0.0
+        self._poison: tuple[str, int] | None = None
+
+    def poison(self, name: str, count: int) -> None:
+        """Test hook: the reward ``name`` of the next ``count`` samples scored here is NaN."""
+        self._poison = (name, count)
 
     def score(self, request: Any) -> ScoredBatch:
         """Scores of one ``rollout.ScoreRequest`` (uint8 images ``[N, 3, H, W]``), same order, as a
@@ -74,6 +79,12 @@ class RewardWorker:
         t0 = time.perf_counter()
         out = self.scorer(request.images.float() / 255.0, list(request.prompts), list(request.metadata))
         out.pop("mean")  # ScoredBatch.total is the weighted sum over the finite rewards
+        if self._poison:  # test hook: make the next samples' reward NaN (the quarantine path end to end)
+            name, count = self._poison
+            k = min(count, len(out[name]))
+            out[name] = out[name].clone()
+            out[name][:k] = math.nan
+            self._poison = (name, count - k) if count > k else None
         scored = ScoredBatch.from_scores(out, self.scorer.weights)
         self.images_scored += len(scored)
         self.busy_s += time.perf_counter() - t0
@@ -127,34 +138,53 @@ class RewardPool:
             self.group.shutdown()
             raise
         self.inflight = [0] * len(self.group)
-        self.redispatched = 0
+        self.redispatched = 0  # requests dispatched again after a reward worker died (whole run)
+        self.resubmitted = 0  # sampler calls submitted again after a sampler died (whole run)
 
     def __len__(self) -> int:
         return len(self.group)
 
-    def _dispatch(
-        self, key: Any, request_ref: Any, pending: dict[Any, tuple[Any, Any, int, int]], attempt: int
-    ) -> None:
+    def _dispatch(self, job: Any, request_ref: Any, pending: dict[Any, tuple[Any, Any, int, int]],
+                  attempt: int) -> None:
         w = min(range(len(self.inflight)), key=lambda i: (self.inflight[i], i))  # least loaded
+        if self.inflight[w] == 0:
+            self._busy_since[w] = time.monotonic()
         self.inflight[w] += 1
-        pending[self.group[w].score.remote(request_ref)] = (key, request_ref, w, attempt)
+        self._depth_max[w] = max(self._depth_max[w], self.inflight[w])
+        pending[self.group[w].score.remote(request_ref)] = (job, request_ref, w, attempt)
 
-    def score(self, jobs: Sequence[Any]) -> tuple[dict[Any, ScoredBatch], dict[str, float]]:
+    def _done(self, w: int) -> None:
+        self.inflight[w] -= 1
+        if self.inflight[w] == 0:  # a worker is busy while it holds at least one request
+            self._busy_s[w] += time.monotonic() - self._busy_since[w]
+
+    def score(
+        self, jobs: Sequence[Any], resubmit: Callable[[Any], Any] | None = None
+    ) -> tuple[dict[Any, ScoredBatch], dict[str, float]]:
         """Score every job's ``request_ref`` as soon as its sampler call finishes; wait for all of them.
 
         Args:
-            jobs: objects with ``key`` and ``request_ref`` (``rollout.RolloutJob``).
+            jobs: objects with ``key`` and ``request_ref`` (``rollout.RolloutJob``; its ``stats_ref`` tells a
+                failed sampler call apart from a finished one).
+            resubmit: called with a job whose sampler died holding it (``SamplerGroup.resubmit``); it
+                points the job at a new call in place. None: a failed sampler call fails the phase.
 
         Returns:
             ``({key: ScoredBatch}, metrics)``: ``timing/reward_wait_s`` is the time spent after the last
-            sampler call finished (the scoring the samplers could not hide).
+            sampler call finished (the scoring the samplers could not hide); per worker the images scored per
+            busy second, the deepest queue and the busy seconds (the driver turns them into idle fractions).
         """
         import ray
 
-        waiting = {j.request_ref: j.key for j in jobs}
+        n_workers = len(self.inflight)
+        self._busy_s, self._busy_since = [0.0] * n_workers, [0.0] * n_workers
+        self._depth_max = [0] * n_workers
+        images = [0] * n_workers
+        waiting = {j.request_ref: j for j in jobs}
         pending: dict[Any, tuple[Any, Any, int, int]] = {}
         results: dict[Any, ScoredBatch] = {}
-        deadline = time.monotonic() + self.timeout_s
+        t0 = time.monotonic()
+        deadline = t0 + self.timeout_s
         sampled_at = None
         while waiting or pending:
             left = deadline - time.monotonic()
@@ -166,26 +196,69 @@ class RewardPool:
             ready, _ = ray.wait([*waiting, *pending], num_returns=1, timeout=left)
             for ref in ready:
                 if ref in waiting:  # a sampler call finished: its images go to the pool now
-                    self._dispatch(waiting.pop(ref), ref, pending, attempt=1)
+                    job = waiting.pop(ref)
+                    if resubmit is not None and _source_failed(job):  # its sampler died: sample it again
+                        self.resubmitted += 1
+                        job = resubmit(job)
+                        waiting[job.request_ref] = job
+                        continue
+                    self._dispatch(job, ref, pending, attempt=1)
                     if not waiting:
                         sampled_at = time.monotonic()
                     continue
-                key, request_ref, w, attempt = pending.pop(ref)
-                self.inflight[w] -= 1
+                job, request_ref, w, attempt = pending.pop(ref)
+                self._done(w)
                 try:
-                    results[key] = ray.get(ref)
+                    results[job.key] = ray.get(ref)
+                    images[w] += len(results[job.key])
                 except ray.exceptions.RayActorError as e:  # the worker died holding it: dispatch again
                     if attempt >= self.max_attempts:
                         raise RuntimeError(
-                            f"reward request {key} failed on {attempt} workers; last: {e}"
+                            f"reward request {job.key} failed on {attempt} workers; last: {e}"
                         ) from e
                     self.redispatched += 1
-                    self._dispatch(key, request_ref, pending, attempt + 1)
-        wait_s = time.monotonic() - sampled_at if sampled_at is not None else 0.0
-        return results, {"timing/reward_wait_s": wait_s, "reward/pool/redispatched": float(self.redispatched)}
+                    self._dispatch(job, request_ref, pending, attempt + 1)
+        wall = time.monotonic() - t0
+        m = {
+            "timing/reward_wait_s": time.monotonic() - sampled_at if sampled_at is not None else 0.0,
+            "reward/pool/redispatched": float(self.redispatched),
+            "rollout/resubmitted": float(self.resubmitted),
+            "reward/pool/scores_per_s": sum(images) / max(wall, 1e-9),
+        }
+        for w in range(n_workers):
+            m[f"reward/pool/worker_{w}/scores_per_s"] = images[w] / max(self._busy_s[w], 1e-9)
+            m[f"reward/pool/worker_{w}/queue_depth_max"] = float(self._depth_max[w])
+            m[f"reward/pool/worker_{w}/busy_s"] = self._busy_s[w]
+        return results, m
 
     def shutdown(self) -> None:
         self.group.shutdown()
+
+
+def _source_failed(job: Any) -> bool:
+    """True when the sampler call behind ``job`` failed because its actor died (not a sampling bug)."""
+    import ray
+
+    stats_ref = getattr(job, "stats_ref", None)
+    if stats_ref is None:
+        return False
+    try:
+        ray.get(stats_ref)
+    except ray.exceptions.RayActorError:
+        return True
+    return False
+
+
+def quarantine_warning(scored: ScoredBatch, epoch: int) -> str | None:
+    """One line for an epoch with quarantined samples (which rewards were NaN/inf, how often), else None."""
+    if scored.num_quarantined == 0:
+        return None
+    bad = {k: int((~torch.isfinite(scored.scores[k])).sum()) for k in scored.weights}
+    names = ", ".join(f"{k}: {n}" for k, n in bad.items() if n)
+    return (
+        f"epoch {epoch}: {scored.num_quarantined}/{scored.count} samples quarantined (non-finite reward; "
+        f"{names}); they get advantage 0 and stay out of the reward statistics"
+    )
 
 
 def reward_metrics(scored: ScoredBatch) -> dict[str, float]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -230,6 +230,15 @@ class RolloutWorker:
             k: v.clone() for k, v in lora_state(self.backbone.transformer, "generator").items()
         }, self.version
 
+    def policy_version(self) -> int:
+        """The version of the weights held (-1 right after a (re)start: nothing received yet)."""
+        return self.version
+
+    def crash_on_next_sample(self) -> None:
+        """Test hook (fault-tolerance tests): the next ``sample`` call kills this process mid-call, as a
+        crash would; Ray then restarts the actor (``max_restarts``) without the flag."""
+        self._crash = True
+
     # ---------------------------------------------------------------- sampling
     def _velocity(self, x: torch.Tensor, sigma: float, cond: Any) -> torch.Tensor:
         sig = torch.full((x.shape[0],), sigma, dtype=torch.float32, device=self.device)
@@ -255,6 +264,10 @@ class RolloutWorker:
                 f"sampler {self.sampler_id} holds policy version {self.version} but was asked to "
                 f"sample with version {prompts.policy_version}: sync the weights first"
             )
+        if getattr(self, "_crash", False):
+            import os
+
+            os._exit(1)
         t0 = time.perf_counter()
         n, t = len(prompts), len(self.sigmas) - 1
         x, noise = trajectory_noise(
@@ -318,17 +331,33 @@ class RolloutWorker:
         self.last_sample_s = time.perf_counter() - t0
         return batch, ScoreRequest(images=batch.images, prompts=batch.prompts, metadata=batch.metadata)
 
+    def sample_with_stats(
+        self, prompts: PromptBatch, train_steps: tuple[int, ...]
+    ) -> tuple[RolloutBatch, ScoreRequest, dict[str, float]]:
+        """``sample`` plus a small stats dict (the call's images and seconds, measured where they live): the
+        driver reads it without fetching the rollout, and a failed stats ref tells it the actor died."""
+        batch, request = self.sample(prompts, train_steps)
+        return batch, request, {"sampler": float(self.sampler_id), "images": float(len(batch)),
+                                "seconds": self.last_sample_s}
+
 
 # ------------------------------------------------------------------------------------------ the group
 @dataclass
 class RolloutJob:
-    """One in-flight sampler call: the object refs of its ``RolloutBatch`` and ``ScoreRequest``."""
+    """One in-flight sampler call: the object refs of its ``RolloutBatch``, ``ScoreRequest`` and stats.
+
+    Mutable on purpose: ``SamplerGroup.resubmit`` points a job whose sampler died at the new call in place, so
+    the driver's list of the epoch's jobs stays the one to train on.
+    """
 
     key: tuple[int, int, int]
     sampler: int
     num_images: int
     rollout_ref: Any
     request_ref: Any
+    stats_ref: Any = None
+    prompts: PromptBatch | None = None
+    train_steps: tuple[int, ...] = ()
 
 
 class SamplerGroup:
@@ -348,9 +377,12 @@ class SamplerGroup:
             cpus_per_actor=r.cpus_per_actor,
             gpus_per_actor=r.gpus_per_actor,
             max_restarts=r.max_restarts,
-            max_task_retries=r.max_task_retries,
+            # a call retried by Ray on a restarted sampler would find no weights (version -1): re-sampling
+            # after a re-sync is the driver's job (resubmit)
+            max_task_retries=0,
         )
-        self.timeout_s = timeout_s
+        self.timeout_s, self.max_restarts = timeout_s, r.max_restarts
+        self.restarts_seen = 0  # sampler restarts this group re-synced after (whole run)
         self.group = create_actor_group(
             RolloutWorker,
             res,
@@ -379,10 +411,58 @@ class SamplerGroup:
         """Submit every call of the epoch at once (each sampler runs its calls in order); returns the refs."""
         out = []
         for job in jobs:
-            rollout_ref, request_ref = (
-                self.group[job.sampler].sample.options(num_returns=2).remote(job.prompts, train_steps)
+            actor = self.group[job.sampler]
+            refs = actor.sample_with_stats.options(num_returns=3).remote(job.prompts, train_steps)
+            out.append(RolloutJob(job.key, job.sampler, len(job.prompts), *refs, job.prompts, train_steps))
+        return out
+
+    def resubmit(self, job: RolloutJob, resync: Callable[[int], None]) -> RolloutJob:
+        """Sample ``job`` again after its sampler died; returns ``job``, pointed at the new call.
+
+        Waits for Ray to restart the actor (``resources.sampler.max_restarts``); a restarted sampler holds
+        no weights, so ``resync(version)`` first brings every sampler to the job's policy version (it
+        re-forms the weight-sync group). The same prompts and seeds give the same trajectories bit for bit.
+        """
+        import ray
+
+        if self.max_restarts == 0:
+            raise RuntimeError(
+                f"sampler {job.sampler} died while sampling {job.key} and resources.sampler.max_restarts is "
+                "0: set it (e.g. 3) so Ray restarts samplers and the epoch goes on"
             )
-            out.append(RolloutJob(job.key, job.sampler, len(job.prompts), rollout_ref, request_ref))
+        actor, deadline = self.group[job.sampler], time.monotonic() + self.timeout_s
+        while True:  # calls fail fast while Ray has not noticed the death yet; then they wait for the restart
+            try:
+                left = max(1.0, deadline - time.monotonic())
+                version = ray.get(actor.policy_version.remote(), timeout=left)
+                break
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"sampler {job.sampler} did not come back within {self.timeout_s} s after dying "
+                        f"(max_restarts={self.max_restarts} used up?): {e}"
+                    ) from e
+                time.sleep(0.2)
+        want = job.prompts.policy_version
+        if version != want:
+            self.restarts_seen += 1
+            resync(want)
+        refs = actor.sample_with_stats.options(num_returns=3).remote(job.prompts, job.train_steps)
+        job.rollout_ref, job.request_ref, job.stats_ref = refs
+        return job
+
+    def epoch_stats(self, jobs: Sequence[RolloutJob]) -> dict[str, float]:
+        """Per sampler: images per busy second and busy seconds of ``jobs`` (finished calls: no waiting)."""
+        import ray
+
+        per: dict[int, list[float]] = {i: [0.0, 0.0] for i in range(len(self))}
+        for st in ray.get([j.stats_ref for j in jobs]):
+            per[int(st["sampler"])][0] += st["images"]
+            per[int(st["sampler"])][1] += st["seconds"]
+        out = {"rollout/sampler_restarts": float(self.restarts_seen)}
+        for i, (images, seconds) in per.items():
+            out[f"rollout/sampler_{i}/images_per_s"] = images / max(seconds, 1e-9)
+            out[f"rollout/sampler_{i}/busy_s"] = seconds
         return out
 
     def join_weight_sync(self, endpoint: Any) -> None:

@@ -1,0 +1,100 @@
+"""RL fault tolerance end to end through the driver on local CPU Ray (tiny SD3, brightness reward).
+
+One 3-epoch run with 2 samplers, 1 reward worker and 1 learner rank; the epoch callbacks arm two faults:
+
+* after epoch 0, reward worker 0 is told to return NaN for the next sample: epoch 1 must quarantine exactly
+  that sample (advantage 0, counted in ``reward/total/quarantined``, one warning), never average it in;
+* after epoch 0, sampler 0 is told to kill its process in its next call (epoch 2's; epoch 1's calls were
+  queued before): Ray restarts it (``max_restarts``), the driver re-syncs it to the current policy and samples
+  the lost call again, and epoch 2 trains on every prompt group exactly once.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from rtdmd_ray.config import load_config
+
+pytestmark = pytest.mark.ray
+
+TINY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "debug" / "tiny_sd3.yaml"
+EPOCHS = 3
+
+
+@pytest.fixture(scope="module")
+def run(ray_local, tmp_path_factory):
+    import ray
+
+    from rtdmd_ray.driver import train
+
+    out = tmp_path_factory.mktemp("rl_faults")
+    cfg = load_config(
+        TINY_CONFIG,
+        [
+            f"train.iterations={EPOCHS}",
+            f"train.output_dir={out}",
+            "resources.sampler.count=2",
+            "resources.sampler.max_restarts=1",
+            "resources.reward_worker.count=1",
+            "resources.learner.count=1",
+            "grpo.sample_batches_per_epoch=1",  # 2 prompts x 4 images: one call of 4 per sampler per epoch
+            "logging.stdout=false",
+        ],
+    )
+    seen: dict = {}
+
+    def on_epoch(epoch: int, metrics: dict, roles: dict) -> None:
+        learners, samplers, rewards = roles["learners"], roles["samplers"], roles["rewards"]
+        seen.setdefault("advantages", []).append(learners.call("last_advantages")[0])
+        if epoch == 0:
+            ray.get(rewards.group[0].poison.remote("brightness", 1))
+            ray.get(samplers.group[0].crash_on_next_sample.remote())
+        if epoch == EPOCHS - 1:
+            seen["learner_lora"] = learners.call("lora", "generator")[0]
+            seen["sampler_loras"] = samplers.call("lora")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train(cfg, on_epoch=on_epoch)
+    seen["warnings"] = [str(w.message) for w in caught if "quarantined" in str(w.message)]
+    return {"result": result, "seen": seen, "cfg": cfg}
+
+
+def test_nan_reward_is_quarantined_counted_and_warned(run):
+    metrics = run["result"]["metrics"]
+    assert [m["reward/total/quarantined"] for m in metrics] == [0.0, 1.0, 0.0]
+    assert len(run["seen"]["warnings"]) == 1 and run["seen"]["warnings"][0].startswith("epoch 1: 1/8")
+    prompts, adv = run["seen"]["advantages"][1]
+    assert int((adv == 0).sum()) == 1  # the quarantined sample, and only it, gets advantage exactly 0
+    for key in ("reward/total/mean", "reward/brightness/mean", "learner/ppo/loss", "learner/generator/grad_norm"):
+        assert math.isfinite(metrics[1][key]), key  # nothing NaN leaked into the statistics or the update
+
+
+def test_killed_sampler_is_restarted_resynced_and_the_epoch_completes(run):
+    from rtdmd_ray.cold_start import training_prompt_records
+    from rtdmd_ray.rollout import epoch_prompt_jobs
+
+    cfg, res = run["cfg"], run["result"]
+    assert res["epochs"] == EPOCHS and res["policy_version"] == EPOCHS
+    m = res["metrics"][2]
+    assert m["rollout/sampler_restarts"] == 1 and m["rollout/resubmitted"] == 1
+    assert res["metrics"][1]["rollout/resubmitted"] == 0
+    # every prompt group of epoch 2 was trained on exactly once (the lost call sampled again, not twice)
+    jobs = epoch_prompt_jobs(training_prompt_records(cfg.data), grpo=cfg.grpo, seed=cfg.train.seed, epoch=2,
+                             num_samplers=2, policy_version=2)
+    want = Counter(p for j in jobs for p in j.prompts.prompts)
+    prompts, _ = run["seen"]["advantages"][2]
+    assert m["rollout/images"] == 8 and Counter(prompts) == want
+    # both samplers, the restarted one included, hold the learner's weights bit for bit at the current version
+    learner = run["seen"]["learner_lora"]
+    assert len(run["seen"]["sampler_loras"]) == 2
+    for lora, version in run["seen"]["sampler_loras"]:
+        assert version == EPOCHS and lora.keys() == learner.keys()
+        for k, v in learner.items():
+            assert torch.equal(lora[k], v), k
