@@ -117,6 +117,9 @@ DEFAULT_LORA_TARGETS: dict[str, tuple[str, ...]] = {
               "to_qkv_mlp_proj"),
 }
 
+# Ray's own resources: set through cpus_per_actor / gpus_per_actor (or not per role), never `custom`.
+RAY_BUILTIN_RESOURCES: frozenset[str] = frozenset({"CPU", "GPU", "memory", "object_store_memory"})
+
 Scalar = Union[str, int, float, bool]  # noqa: UP007 (a runtime type the loader inspects)
 
 
@@ -546,6 +549,10 @@ class RoleResourcesConfig:
         max_restarts: how often Ray restarts a dead actor (-1 = forever, 0 = never).
         max_task_retries: how often a call on a restarted actor is retried (-1 = forever); needs max_restarts.
         placement: Ray placement-group strategy for this role's actors.
+        custom: Ray custom resources per actor {name: amount}, e.g. {rtdmd_reward: 1}: the role's actors
+            and placement-group bundles need them, so they land only on nodes that advertise them (cluster/
+            advertises rtdmd_learner, rtdmd_sampler, rtdmd_reward, rtdmd_reward_cpu); empty = placed by
+            CPU/GPU shape alone.
     """
 
     count: int = 1
@@ -554,6 +561,7 @@ class RoleResourcesConfig:
     max_restarts: int = 0
     max_task_retries: int = 0
     placement: PlacementStrategy = "PACK"
+    custom: dict[str, float] = field(default_factory=FrozenDict)
 
 
 @dataclass(frozen=True)
@@ -927,6 +935,16 @@ def _check(cfg: Config) -> list[str]:
             p.append(f"resources.{role}.max_task_retries={rr.max_task_retries} has no effect with "
                      f"max_restarts=0: Ray retries calls only on restarted actors; set "
                      f"resources.{role}.max_restarts")
+        for name, amount in rr.custom.items():
+            key = f"resources.{role}.custom.{name}"
+            if name in RAY_BUILTIN_RESOURCES:
+                fix = ("use cpus_per_actor / gpus_per_actor" if name in ("CPU", "GPU")
+                       else "Ray's memory resources are not reserved per role")
+                p.append(f"{key}: '{name}' is a Ray built-in resource, not a custom one: {fix}")
+            elif not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.\-]*", name):
+                p.append(f"{key}: '{name}' is not a resource name: use letters, digits, '_', '-', '.' "
+                         "(e.g. rtdmd_reward)")
+            positive(key, amount, zero_ok=True)
     positive("resources.fsdp_shard_ranks", res.fsdp_shard_ranks, zero_ok=True)
     if res.fsdp_shard_ranks and res.learner.count % res.fsdp_shard_ranks:
         p.append(f"resources.learner.count={res.learner.count} is not divisible by "

@@ -16,14 +16,23 @@ import datetime
 import os
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from rtdmd_ray.config import RAY_BUILTIN_RESOURCES, FrozenDict
+
 PLACEMENT_STRATEGIES: tuple[str, ...] = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+# group role name -> its key in the config's `resources` section, where they differ (for error messages)
+_CONFIG_ROLE: dict[str, str] = {"reward": "reward_worker"}
+
+
+def config_key(role: str) -> str:
+    """The config path of ``role``'s resources, e.g. ``resources.reward_worker`` for role ``"reward"``."""
+    return f"resources.{_CONFIG_ROLE.get(role, role or '<role>')}"
 
 
 @dataclass(frozen=True)
@@ -37,6 +46,9 @@ class RoleResources:
         max_restarts: how often Ray restarts a dead actor (-1: forever; 0: never).
         max_task_retries: how often a call on a restarted actor is retried (-1: forever); needs
             ``max_restarts != 0``.
+        custom: Ray custom resources each actor needs ``{name: amount}`` (config ``resources.<role>.custom``),
+            applied to the actor options (``resources=``) and to its placement-group bundle, so the role
+            runs only on nodes that advertise them (``ray start --resources``).
     """
 
     count: int
@@ -44,8 +56,34 @@ class RoleResources:
     gpus_per_actor: float = 0.0
     max_restarts: int = 0
     max_task_retries: int = 0
+    custom: Mapping[str, float] = field(default_factory=FrozenDict)
+
+    @classmethod
+    def from_config(cls, role_cfg: Any, **overrides: Any) -> RoleResources:
+        """The slice of a ``config.RoleResourcesConfig`` that groups apply (``overrides`` replace fields,
+        e.g. ``max_task_retries=0`` for roles whose retries are the caller's job)."""
+        fields = {
+            "count": role_cfg.count,
+            "cpus_per_actor": role_cfg.cpus_per_actor,
+            "gpus_per_actor": role_cfg.gpus_per_actor,
+            "max_restarts": role_cfg.max_restarts,
+            "max_task_retries": role_cfg.max_task_retries,
+            "custom": getattr(role_cfg, "custom", {}),
+        }
+        return cls(**{**fields, **overrides})
 
     def __post_init__(self) -> None:
+        # read-only, picklable and hashable like the config's maps; zero amounts dropped (Ray rejects them
+        # in bundles)
+        custom = FrozenDict({k: float(v) for k, v in self.custom.items() if v != 0})
+        object.__setattr__(self, "custom", custom)
+        for name, amount in self.custom.items():
+            if name in RAY_BUILTIN_RESOURCES or amount < 0 or amount != amount:
+                raise ValueError(
+                    f"RoleResources.custom[{name!r}]={amount}: custom resources need a name other than "
+                    f"{sorted(RAY_BUILTIN_RESOURCES)} (use cpus_per_actor / gpus_per_actor) and an "
+                    "amount >= 0"
+                )
         if self.count < 0:
             raise ValueError(f"RoleResources.count must be >= 0, got {self.count}")
         if self.cpus_per_actor < 0 or self.gpus_per_actor < 0:
@@ -66,14 +104,51 @@ class RoleResources:
     @property
     def bundle(self) -> dict[str, float]:
         """The placement-group bundle of one actor (zero entries left out, as Ray requires)."""
-        b = {"CPU": float(self.cpus_per_actor), "GPU": float(self.gpus_per_actor)}
+        b = {"CPU": float(self.cpus_per_actor), "GPU": float(self.gpus_per_actor), **self.custom}
         return {k: v for k, v in b.items() if v > 0}
 
 
+def _custom_shortfall(resources: RoleResources, role: str, *, of_total: bool = False) -> str:
+    """Why a role's custom resources cannot be granted ('' if there is enough of each): compared with what
+    is available now, or with the cluster's total when the role's own actors may already hold some."""
+    if not resources.custom:
+        return ""
+    total = ray.cluster_resources()
+    free = total if of_total else ray.available_resources()
+    lines = []
+    for name, amount in resources.custom.items():
+        need = resources.count * amount
+        have, avail = float(total.get(name, 0.0)), float(free.get(name, 0.0))
+        if have == 0:
+            lines.append(
+                f"custom resource {name!r} ({resources.count} x {amount:g}) is advertised by no node"
+            )
+        elif avail < need:
+            lines.append(
+                f"custom resource {name!r}: {resources.count} x {amount:g} = {need:g} needed, {avail:g} of "
+                f"{have:g} available"
+            )
+    if not lines:
+        return ""
+    key = config_key(role)
+    return (
+        f"{'; '.join(lines)} (config `{key}.custom`). Start this role's nodes with the resource "
+        f"(`ray start --resources`, rayStartParams.resources in cluster/raycluster.yaml), lower {key}.count, "
+        f"or clear {key}.custom. "
+    )
+
+
 def create_placement_group(
-    resources: RoleResources, *, strategy: str = "PACK", name: str = "", timeout_s: float = 60.0
+    resources: RoleResources,
+    *,
+    strategy: str = "PACK",
+    name: str = "",
+    timeout_s: float = 60.0,
+    role: str = "",
 ) -> PlacementGroup:
-    """Reserve one bundle per actor and wait until the cluster grants all of them.
+    """Reserve one bundle per actor (CPU, GPU and custom resources) and wait until the cluster grants all.
+
+    ``role`` (``"sampler"``, ...) names the config key in errors.
 
     Raises:
         TimeoutError: the cluster cannot fit the bundles within ``timeout_s`` (the message lists what
@@ -91,8 +166,8 @@ def create_placement_group(
         remove_placement_group(pg)
         raise TimeoutError(
             f"placement group {name!r}: {resources.count} x {resources.bundle} ({strategy}) not granted "
-            f"within {timeout_s} s; the cluster has {ray.available_resources()} available "
-            f"of {ray.cluster_resources()}. "
+            f"within {timeout_s} s; {_custom_shortfall(resources, role)}the cluster has "
+            f"{ray.available_resources()} available of {ray.cluster_resources()}. "
             "Lower the role's count or cpus/gpus_per_actor in config `resources`, or add nodes"
         )
     return pg
@@ -155,11 +230,18 @@ class ActorGroup:
 
     def wait_ready(self, *, timeout_s: float) -> None:
         """Block until every actor's constructor has run (its errors surface here)."""
-        gather(
-            self.map_async(lambda a: a.__ray_ready__.remote()),
-            timeout_s=timeout_s,
-            what=f"{self.role} start-up",
-        )
+        try:
+            gather(
+                self.map_async(lambda a: a.__ray_ready__.remote()),
+                timeout_s=timeout_s,
+                what=f"{self.role} start-up",
+            )
+        except TimeoutError as e:
+            # actors outside a placement group wait unplaced for a custom resource no node has enough of
+            why = _custom_shortfall(self.resources, self.role, of_total=True)
+            if why:
+                raise TimeoutError(f"{e}; {why.rstrip()}") from e
+            raise
 
     def shutdown(self) -> None:
         """Kill the actors (no restart) and free the placement group."""
@@ -186,7 +268,8 @@ def create_actor_group(
 
     Args:
         actor_cls: a plain class (wrapped with ``ray.remote`` here) or an existing Ray actor class.
-        resources: the role's slice of the config's ``resources`` section.
+        resources: the role's slice of the config's ``resources`` section (``RoleResources.from_config``);
+            its ``custom`` resources are requested by every actor and bundle.
         role: a short role name for errors and the placement group's name (``"sampler"``, ...).
         init_kwargs: keyword arguments of the constructor, or ``rank -> kwargs`` when they differ per rank.
         strategy: placement-group strategy; None schedules without a placement group.
@@ -204,6 +287,7 @@ def create_actor_group(
             strategy=strategy,
             name=f"rtdmd-{role}-{uuid.uuid4().hex[:8]}",
             timeout_s=placement_timeout_s,
+            role=role,
         )
     actors = []
     for rank in range(resources.count):
@@ -215,6 +299,9 @@ def create_actor_group(
             "max_task_retries": resources.max_task_retries,
             "max_concurrency": max_concurrency,
         }
+        if resources.custom:
+            # inside a placement group Ray charges this to the actor's bundle (which reserved it)
+            options["resources"] = dict(resources.custom)
         if pg is not None:
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 placement_group=pg, placement_group_bundle_index=rank

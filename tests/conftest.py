@@ -25,7 +25,10 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A private local Ray cluster: ``address="local"`` so it never joins another Ray on this machine."""
+    """A private local Ray cluster: ``address="local"`` so it never joins another Ray on this machine.
+
+    It advertises 2 of the custom resource ``rtdmd_reward`` (as a reward node of cluster/ does) for the
+    role-pinning tests; actors that do not ask for it are unaffected."""
     ray = pytest.importorskip("ray")
     # short path: Ray's unix socket paths must stay under ~107 characters
     tmp = tempfile.mkdtemp(prefix="rtr-", dir="/tmp")
@@ -33,8 +36,8 @@ def ray_local():
     for attempt in range(3):
         try:
             ray.init(
-                address="local", num_cpus=4, include_dashboard=False, _temp_dir=tmp,
-                log_to_driver=False, ignore_reinit_error=True,
+                address="local", num_cpus=4, resources={"rtdmd_reward": 2}, include_dashboard=False,
+                _temp_dir=tmp, log_to_driver=False, ignore_reinit_error=True,
             )
             break
         except Exception:

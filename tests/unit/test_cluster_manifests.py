@@ -261,6 +261,95 @@ def test_cluster_config_fills_each_role_group_exactly(raycluster, rayjob):
         assert r.count <= n * _custom_resources(params)[resource], name
 
 
+# the README's CPU-only reward run: reward workers without GPUs, pinned to reward-cpu instead of reward-gpu
+CPU_REWARD_OVERRIDES = [
+    "resources.reward_worker.gpus_per_actor=0",
+    "resources.reward_worker.custom={rtdmd_reward_cpu: 1}",
+]
+
+
+Pods = dict[str, tuple[int, dict[str, float]]]
+
+
+def _pods(spec_or_launcher: dict, *, at_most: bool = False) -> Pods:
+    """worker group -> (pods, custom resources each pod advertises) of a KubeRay cluster spec or the launcher
+    YAML; pods = replicas / min_workers, or maxReplicas / max_workers with ``at_most``."""
+    if "available_node_types" in spec_or_launcher:
+        types = spec_or_launcher["available_node_types"]
+        out = {"head": (1, {k: v for k, v in types["head"]["resources"].items() if k not in ("CPU", "GPU")})}
+        for group, node_type in LAUNCHER_NODE_TYPES.items():
+            t = types[node_type]
+            custom = {k: float(v) for k, v in t["resources"].items() if k not in ("CPU", "GPU")}
+            out[group] = (t["max_workers" if at_most else "min_workers"], custom)
+        return out
+    out = {"head": (1, _custom_resources(spec_or_launcher["headGroupSpec"]["rayStartParams"]))}
+    for g in spec_or_launcher["workerGroupSpecs"]:
+        n = g["maxReplicas" if at_most else "replicas"]
+        out[g["groupName"]] = (n, _custom_resources(g["rayStartParams"]))
+    return out
+
+
+def _pinning_problems(cfg: Any, pods: Pods, role: str, group: str) -> list[str]:
+    """Why config role ``role`` is not pinned to worker group ``group`` by its custom resources (or does not
+    fit there): each requested resource must be advertised by that group only, count x amount <= pods x
+    advertised."""
+    r = getattr(cfg.resources, role)
+    if not r.custom:
+        return [f"resources.{role}.custom is empty: {role} actors are not pinned to {group}"]
+    problems = []
+    for name, amount in r.custom.items():
+        holders = sorted(g for g, (_, adv) in pods.items() if adv.get(name, 0) > 0)
+        if holders != [group]:
+            problems.append(f"resources.{role}.custom.{name}: advertised by {holders}, not by {group} alone")
+            continue
+        n, adv = pods[group]
+        if r.count * amount > n * adv[name]:
+            problems.append(
+                f"resources.{role}: {r.count} x {name}={amount} > {n} pods x {adv[name]} advertised by "
+                f"{group}"
+            )
+    return problems
+
+
+@pytest.mark.parametrize("where", ["raycluster.yaml", "rayjob.yaml", "cluster-launcher.yaml"])
+def test_cluster_config_custom_resources_pin_each_role_to_its_group(raycluster, rayjob, where):
+    from rtdmd_ray.config import apply_overrides, load_config
+
+    doc = {
+        "raycluster.yaml": raycluster["spec"],
+        "rayjob.yaml": rayjob["spec"]["rayClusterSpec"],
+        "cluster-launcher.yaml": _load("cluster-launcher.yaml"),
+    }[where]
+    cfg = load_config(CLUSTER_CONFIG)
+    pods = _pods(doc)
+    assert pods["head"][1] == {}, "the head advertises no role resource: no role actor runs there"
+    for group, (role, resource, _) in ROLE_GROUPS.items():
+        if role is not None:
+            assert _pinning_problems(cfg, pods, role, group) == [], where
+            assert resource in getattr(cfg.resources, role).custom, (where, role)
+    # CPU-only rewards: the same pool, pinned to reward-cpu (0 pods by default: it fits once scaled up)
+    cpu_cfg = apply_overrides(cfg, CPU_REWARD_OVERRIDES)
+    assert _pinning_problems(cpu_cfg, _pods(doc, at_most=True), "reward_worker", "reward-cpu") == [], where
+    assert "rtdmd_reward" not in cpu_cfg.resources.reward_worker.custom
+
+
+def test_pinning_check_catches_a_group_that_lost_its_resource_or_is_too_small(raycluster):
+    from rtdmd_ray.config import apply_overrides, load_config
+
+    cfg = load_config(CLUSTER_CONFIG)
+    spec = copy.deepcopy(raycluster["spec"])
+    spec["workerGroupSpecs"][1]["rayStartParams"].pop("resources")  # sampler-gpu no longer advertises it
+    problems = _pinning_problems(cfg, _pods(spec), "sampler", "sampler-gpu")
+    assert "not by sampler-gpu alone" in " ".join(problems)
+    more = apply_overrides(cfg, ["resources.learner.count=16", "dmd.prompts_per_step=16"], validate=False)
+    assert "16 x rtdmd_learner=1.0 > 1 pods x 8" in " ".join(
+        _pinning_problems(more, _pods(raycluster["spec"]), "learner", "learner-gpu")
+    )
+    unpinned = apply_overrides(cfg, ["resources.sampler.custom={}"])
+    problems = _pinning_problems(unpinned, _pods(raycluster["spec"]), "sampler", "sampler-gpu")
+    assert "is empty" in " ".join(problems)
+
+
 def test_rayjob_entrypoint_is_a_valid_resumable_train_run(raycluster, rayjob):
     from rtdmd_ray.config import load_config
 

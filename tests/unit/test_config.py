@@ -243,6 +243,46 @@ def test_cross_field_checks(overrides, needles):
         assert needle in msg, (needle, msg)
 
 
+def test_role_custom_resources_accepted_from_file_and_override(tmp_path):
+    path = write(tmp_path, f"inherit: {TINY}\nresources:\n  reward_worker: {{custom: {{rtdmd_reward: 1}}}}\n")
+    cfg = load_config(path, ["resources.sampler.custom.rtdmd_sampler=0.5", "resources.learner.custom={}"])
+    assert cfg.resources.reward_worker.custom == {"rtdmd_reward": 1.0}
+    assert isinstance(cfg.resources.reward_worker.custom["rtdmd_reward"], float)
+    assert cfg.resources.sampler.custom == {"rtdmd_sampler": 0.5}
+    assert cfg.resources.learner.custom == {} == load_config(TINY).resources.eval_worker.custom  # default
+    with pytest.raises(TypeError, match="read-only"):
+        cfg.resources.sampler.custom["x"] = 1  # frozen like every config map
+    # a map override replaces the whole map (switching the reward pool to the CPU group)
+    cpu = apply_overrides(cfg, ["resources.reward_worker.custom={rtdmd_reward_cpu: 2}"])
+    assert cpu.resources.reward_worker.custom == {"rtdmd_reward_cpu": 2.0}
+
+
+@pytest.mark.parametrize(
+    ("override", "needles"),
+    [
+        ("resources.reward_worker.custom.rtdmd_reward=-1",
+         ["resources.reward_worker.custom.rtdmd_reward=-1.0", "must be >= 0"]),
+        ("resources.sampler.custom.rtdmd_sampler=.inf", ["resources.sampler.custom.rtdmd_sampler=inf"]),
+        ("resources.learner.custom.GPU=1", ["resources.learner.custom.GPU", "built-in",
+                                            "use cpus_per_actor / gpus_per_actor"]),
+        ("resources.eval_worker.custom.memory=1e9", ["resources.eval_worker.custom.memory", "built-in"]),
+        ("resources.sampler.custom={'node:10.0.0.1': 1}", ["resources.sampler.custom.node:10.0.0.1",
+                                                          "not a resource name"]),
+    ],
+)
+def test_role_custom_resources_rejected_with_key_path(override, needles):
+    msg = error_of(load_config, TINY, [override])
+    for needle in needles:
+        assert needle in msg, (needle, msg)
+
+
+def test_role_custom_resources_wrong_type_names_the_key():
+    msg = error_of(load_config, TINY, ["resources.sampler.custom.rtdmd_sampler=lots"])
+    assert "'resources.sampler.custom.rtdmd_sampler'" in msg and "expected float" in msg
+    msg = error_of(load_config, TINY, ["resources.sampler.custom=[rtdmd_sampler]"])
+    assert "'resources.sampler.custom'" in msg and "map of {str: float}" in msg
+
+
 def test_all_problems_reported_in_one_line():
     msg = error_of(load_config, TINY, ["grpo.max_policy_lag=2", "sampling.eta=2.0"])
     assert "max_policy_lag=2" in msg and "sampling.eta=2.0" in msg and "; " in msg
