@@ -13,6 +13,7 @@ applies a ``RoleResources`` slice (mapped from the config's ``resources`` sectio
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -78,7 +79,7 @@ class RoleResources:
         custom = FrozenDict({k: float(v) for k, v in self.custom.items() if v != 0})
         object.__setattr__(self, "custom", custom)
         for name, amount in self.custom.items():
-            if name in RAY_BUILTIN_RESOURCES or amount < 0 or amount != amount:
+            if name in RAY_BUILTIN_RESOURCES or not 0 <= amount < math.inf:
                 raise ValueError(
                     f"RoleResources.custom[{name!r}]={amount}: custom resources need a name other than "
                     f"{sorted(RAY_BUILTIN_RESOURCES)} (use cpus_per_actor / gpus_per_actor) and an "
