@@ -121,8 +121,8 @@ def test_tiny_clip_loads_through_clipscore():
 
 @needs_teacher
 def test_shapes_eval_lora_rows_and_reuse(tmp_path):
-    """`rtdmd-ray shapes eval --lora`: a LoRA row is the teacher with the file merged; re-running reuses it, and
-    a changed file (new mtime/size) recomputes it. An all-zero LoRA must reproduce the no-CFG teacher."""
+    """`rtdmd-ray shapes eval --lora`: a LoRA row is the teacher with the file merged; re-running reuses it,
+    and a changed file (new mtime/size) recomputes it. An all-zero LoRA must reproduce the no-CFG teacher."""
     import os
 
     from rtdmd_ray.models.lora import add_lora, lora_state, save_lora
