@@ -85,13 +85,15 @@ def train(
         # policy version = epochs (generator updates) done; samplers start from the learner's weights
         start = learners.load_checkpoint(str(resume_from)) if resume_from else 0
         version = start
-        connected = connect_weight_sync(cfg, learners, samplers, version)
+        # a pipelined run sampled epoch `start` with the weights before the last update: so does its resume
+        first = start - 1 if g.max_policy_lag and start > 0 else start
+        connected = connect_weight_sync(cfg, learners, samplers, first, previous=first < start)
         logger = MetricsLogger(cfg=cfg.logging, output_dir=out, total_iterations=t.iterations,
                                start_iteration=start, run_config=to_dict(cfg))
         dashboard = RayMetrics(enabled=cfg.logging.ray_metrics, run=cfg.logging.run_name or out.name)
         logger.write(f"rtdmd: {cfg.summary()}")
         logger.write(f"learner: {learners.info}; resumed from {resume_from or 'nothing (fresh start)'}")
-        logger.write(f"weight sync: policy v{version} ({connected['sync/bytes']:.0f} bytes) reached "
+        logger.write(f"weight sync: policy v{first} ({connected['sync/bytes']:.0f} bytes) reached "
                      f"{len(samplers)} sampler(s) in {connected['sync/seconds']:.2f} s")
 
         def sample(epoch: int, policy_version: int) -> tuple[list[Any], tuple[int, ...]]:
@@ -114,7 +116,9 @@ def train(
 
         history: list[dict[str, float]] = []
         last_ckpt = str(resume_from) if resume_from else None
-        in_flight = sample(start, version) if start < t.iterations else None
+        in_flight = sample(start, first) if start < t.iterations else None
+        if first < start:
+            sync_weights(learners, samplers, version)  # the samplers get it after sampling epoch `start`
         for epoch in range(start, t.iterations):
             t_epoch = time.perf_counter()
             if eval_every and epoch % eval_every == 0:
@@ -166,8 +170,11 @@ def train(
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def connect_weight_sync(cfg: Config, learners: Any, samplers: Any, version: int) -> dict[str, float]:
-    """Form the learner -> sampler sync group and send the starting weights as ``version``."""
+def connect_weight_sync(
+    cfg: Config, learners: Any, samplers: Any, version: int, previous: bool = False
+) -> dict[str, float]:
+    """Form the learner -> sampler sync group and send the starting weights as ``version`` (``previous``:
+    the learner's weights before its last update)."""
     import torch
 
     transport = cfg.sync.transport
@@ -179,14 +186,14 @@ def connect_weight_sync(cfg: Config, learners: Any, samplers: Any, version: int)
         "open_weight_sync", transport, len(samplers), float(cfg.sync.bucket_mib), float(cfg.sync.timeout_s)
     )[0]
     samplers.join_weight_sync(endpoint)
-    return sync_weights(learners, samplers, version)
+    return sync_weights(learners, samplers, version, previous)
 
 
-def sync_weights(learners: Any, samplers: Any, version: int) -> dict[str, float]:
+def sync_weights(learners: Any, samplers: Any, version: int, previous: bool = False) -> dict[str, float]:
     """Learner rank 0 -> every sampler: the generator LoRA as policy ``version`` (samplers check the
     version)."""
     t0 = time.perf_counter()
-    ticket = learners.call("send_weights", version)[0]
+    ticket = learners.call("send_weights", version, previous)[0]
     versions = samplers.recv_weights(ticket)
     learners.call("finish_send")
     if set(versions) != {version}:

@@ -198,6 +198,23 @@ class RLLearnerState(LearnerState):
                 reinit_adapter(t, role, a_std=lora.reinit_a_std, generator=g)
         if any(fresh.values()) and self.ema is not None:
             self.ema = EMA(self.ema_named_params())
+        # torch's global CPU generator starts from a per-process random seed; training draws from `control`
+        # and `local`, but a library may draw from the global one, and the checkpoint records it: seed it per
+        # rank so a resumed job's global stream (and its checkpoint) equals the uninterrupted job's
+        torch.manual_seed(train.seed * 1_000_003 + 104_729 * (rank + 1))
+        # the generator LoRA before the last update (policy v(e-1)), kept when grpo.max_policy_lag > 0: a
+        # pipelined run sampled epoch e with it, so a resumed run must too to be bit-exact
+        self.previous_generator: dict[str, torch.Tensor] | None = None
+
+    def aux_state(self) -> dict[str, Any]:
+        aux = super().aux_state()
+        if self.previous_generator is not None:
+            aux["previous_generator"] = self.previous_generator
+        return aux
+
+    def load_state(self, tensors: dict[str, torch.Tensor], aux: dict[str, Any]) -> None:
+        super().load_state(tensors, aux)
+        self.previous_generator = aux.get("previous_generator")
 
     def velocity(
         self,
@@ -658,6 +675,8 @@ class RLLearner(Learner):
         t0 = time.perf_counter()
         shard = RolloutBatch.cat([b.index(slice(lo, hi)) for b, (lo, hi) in zip(batches, spans, strict=True)])
         t_fetch = time.perf_counter() - t0
+        if self.grpo.max_policy_lag:  # collective under fsdp2: every rank takes the snapshot
+            self.state.previous_generator = self.state.full_lora("generator")
         m = self.rl.run_epoch(shard, scores, epoch, max_policy_lag=self.grpo.max_policy_lag)
         m["timing/learner_fetch_s"] = t_fetch
         m["timing/learner_update_s"] = time.perf_counter() - t0
@@ -675,10 +694,16 @@ class RLLearner(Learner):
             self.sender = WeightSender(transport=transport, bucket_mib=bucket_mib, timeout_s=timeout_s)
         return self.sender.open(num_receivers)
 
-    def send_weights(self, version: int) -> Any:
+    def send_weights(self, version: int, previous: bool = False) -> Any:
         """Every rank gathers the generator LoRA (a collective under fsdp2); rank 0 posts it as
-        ``version``."""
-        tensors = self.state.full_lora("generator")
+        ``version``. ``previous``: the LoRA before the last update instead (a pipelined run's resume)."""
+        if previous:
+            tensors = self.state.previous_generator
+            if tensors is None:
+                raise RuntimeError("no previous generator LoRA: the checkpoint was not written with "
+                                   "grpo.max_policy_lag > 0")
+        else:
+            tensors = self.state.full_lora("generator")
         if self.rank != 0:
             return None
         return self.sender.send(tensors, version)
