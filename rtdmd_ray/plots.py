@@ -88,7 +88,8 @@ def line_chart(series: dict[str, tuple[list[float], list[float]]], *, title: str
 
 
 def plot_rewards(run_dir: str | Path, out_dir: str | Path | None = None, *, window: int = 10) -> list[Path]:
-    """One ``reward_<name>.png`` per reward in ``run_dir/metrics.jsonl``; returns the written paths."""
+    """One ``reward_<name>.png`` per reward in ``run_dir/metrics.jsonl`` (the run's configured rewards and the
+    weighted total when its ``config.yaml`` is there); returns the written paths."""
     run = Path(run_dir)
     src = run / "metrics.jsonl"
     if not src.is_file():
@@ -97,6 +98,12 @@ def plot_rewards(run_dir: str | Path, out_dir: str | Path | None = None, *, wind
     out = Path(out_dir) if out_dir else run / "plots"
     out.mkdir(parents=True, exist_ok=True)
     names = sorted({m["name"] for r in recs for k in r if (m := TRAIN_KEY.match(k))})
+    if (run / "config.yaml").is_file():  # the configured rewards and their weighted total, not every sub-key
+        import yaml
+
+        cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
+        weights = cfg.get("rewards", {}).get("weights", {})
+        names = [n for n in names if n in weights or n == "total"] or names
     written = []
     for name in names:
         tr = [(r["iteration"], r[f"reward/{name}/mean"]) for r in recs if f"reward/{name}/mean" in r]

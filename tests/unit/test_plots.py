@@ -48,3 +48,11 @@ def test_plot_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="RL"):
         plot_rewards(tmp_path)
     assert main(["plot", str(tmp_path)]) == 2
+
+
+def test_plot_only_configured_rewards_when_config_is_there(tmp_path):
+    recs = [{"iteration": i, "reward/total/mean": 0.1 * i, "reward/clipscore/mean": 0.2,
+             "reward/strict_accuracy/mean": 0.3} for i in range(3)]
+    _write(tmp_path / "metrics.jsonl", recs)
+    (tmp_path / "config.yaml").write_text("rewards:\n  weights: {clipscore: 1.0}\n")
+    assert [p.name for p in plot_rewards(tmp_path)] == ["reward_clipscore.png", "reward_total.png"]
