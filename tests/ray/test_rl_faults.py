@@ -72,7 +72,8 @@ def test_nan_reward_is_quarantined_counted_and_warned(run):
     assert len(run["seen"]["warnings"]) == 1 and run["seen"]["warnings"][0].startswith("epoch 1: 1/8")
     prompts, adv = run["seen"]["advantages"][1]
     assert int((adv == 0).sum()) == 1  # the quarantined sample, and only it, gets advantage exactly 0
-    for key in ("reward/total/mean", "reward/brightness/mean", "learner/ppo/loss", "learner/generator/grad_norm"):
+    for key in ("reward/total/mean", "reward/brightness/mean", "learner/ppo/loss",
+                "learner/generator/grad_norm"):
         assert math.isfinite(metrics[1][key]), key  # nothing NaN leaked into the statistics or the update
 
 
