@@ -571,6 +571,7 @@ def _create_workers(cfg: Config) -> Any:
         count=r.count,
         cpus_per_actor=r.cpus_per_actor,
         gpus_per_actor=r.gpus_per_actor,
+        custom=r.custom,  # Ray custom resources: pin the role to its nodes
         max_restarts=r.max_restarts,
         max_task_retries=r.max_task_retries,
     )

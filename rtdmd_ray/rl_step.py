@@ -735,6 +735,7 @@ class RLLearnerGroup:
             count=r.count,
             cpus_per_actor=r.cpus_per_actor,
             gpus_per_actor=r.gpus_per_actor,
+            custom=r.custom,  # Ray custom resources: pin the role to its nodes
             max_restarts=0,
             max_task_retries=0,
         )  # a rank cannot rejoin its process group

@@ -376,6 +376,7 @@ class SamplerGroup:
             count=r.count,
             cpus_per_actor=r.cpus_per_actor,
             gpus_per_actor=r.gpus_per_actor,
+            custom=r.custom,  # Ray custom resources: pin the role to its nodes
             max_restarts=r.max_restarts,
             # a call retried by Ray on a restarted sampler would find no weights (version -1): re-sampling
             # after a re-sync is the driver's job (resubmit)
