@@ -88,7 +88,7 @@ def train(
         # a pipelined run sampled epoch `start` with the weights before the last update: so does its resume
         first = start - 1 if g.max_policy_lag and start > 0 else start
         connected = connect_weight_sync(cfg, learners, samplers, first, previous=first < start)
-        logger = MetricsLogger(cfg=cfg.logging, output_dir=out, total_iterations=t.iterations,
+        logger = MetricsLogger(cfg=cfg.logging, output_dir=out, total_iterations=t.iterations, desc="rtdmd",
                                start_iteration=start, run_config=to_dict(cfg))
         dashboard = RayMetrics(enabled=cfg.logging.ray_metrics, run=cfg.logging.run_name or out.name)
         logger.write(f"rtdmd: {cfg.summary()}")

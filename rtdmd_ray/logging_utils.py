@@ -44,6 +44,7 @@ class MetricsLogger:
         total_iterations: for the progress bar's ETA.
         start_iteration: where a resumed run starts.
         run_config: the resolved config as a plain dict (recorded by wandb).
+        desc: the progress bar's label (the stage).
     """
 
     def __init__(
@@ -54,6 +55,7 @@ class MetricsLogger:
         total_iterations: int,
         start_iteration: int = 0,
         run_config: dict[str, Any] | None = None,
+        desc: str = "cold-start",
     ):
         self.cfg = cfg
         self.out = Path(output_dir)
@@ -68,7 +70,7 @@ class MetricsLogger:
             self.bar = tqdm(
                 total=total_iterations,
                 initial=start_iteration,
-                desc="cold-start",
+                desc=desc,
                 unit="it",
                 dynamic_ncols=True,
                 file=sys.stderr,
