@@ -84,16 +84,25 @@ def main(argv: list[str] | None = None) -> int:
         print(dump_yaml(_load(args)), end="")
         return 0
     if args.verb == "cold-start":
-        from rtdmd_ray.learner import run_cold_start
+        from rtdmd_ray.learner import LearnerFailure, run_cold_start
 
-        result = run_cold_start(_load(args))
+        try:
+            result = run_cold_start(_load(args))
+        except LearnerFailure as e:  # a dead rank: the message says how to resume; no traceback
+            print(f"cold-start: {e}", file=sys.stderr)
+            return 3
         print(f"cold-start: iteration {result['iteration']}, checkpoint {result['checkpoint']}, "
               f"generator LoRA {result['final_lora']}")
         return 0
     if args.verb == "train":
         from rtdmd_ray.driver import train
+        from rtdmd_ray.learner import LearnerFailure
 
-        result = train(_load(args))
+        try:
+            result = train(_load(args))
+        except LearnerFailure as e:  # a dead rank: the message says how to resume; no traceback
+            print(f"train: {e}", file=sys.stderr)
+            return 3
         print(f"done: {result['epochs']} epochs, policy version {result['policy_version']}, "
               f"{result['output_dir']}")
         return 0

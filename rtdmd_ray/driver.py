@@ -13,6 +13,10 @@ shared
   default.
 * weight sync (weight_sync.py): the generator LoRA goes to every sampler as policy version ``epoch + 1``.
 
+A learner rank that dies ends the job: the group kills its ranks (the survivors may block in a collective),
+``train`` stops the other roles and raises ``LearnerFailure`` naming the rank, the epoch and the checkpoint
+that resubmitting the same command (``train.resume: auto``) continues from.
+
 On-policy by default: epoch ``e`` is sampled with version ``e`` (the weights after ``e`` updates), so the PPO
 ratio is 1. ``grpo.max_policy_lag: 1`` starts sampling epoch ``e + 1`` with version ``e`` before the learner
 trains on epoch ``e``.
@@ -59,6 +63,7 @@ def train(
     """
     from rtdmd_ray import checkpoint as ckpt
     from rtdmd_ray.cold_start import training_prompt_records
+    from rtdmd_ray.learner import LearnerFailure
     from rtdmd_ray.logging_utils import MetricsLogger
     from rtdmd_ray.metrics import RayMetrics, idle_fractions
     from rtdmd_ray.reward import RewardPool, quarantine_warning, reward_metrics
@@ -162,6 +167,10 @@ def train(
             logger.write(f"final RL generator LoRA (stack it on the cold-start LoRA): {final}")
         return {"output_dir": str(out), "epochs": t.iterations, "policy_version": version, "metrics": history,
                 "checkpoint": last_ckpt, "final_lora": final}
+    except LearnerFailure as e:  # the group is already killed; the finally stops the other roles
+        if logger is not None:
+            logger.write(f"rtdmd stopped: {e}")
+        raise
     finally:
         if logger is not None:
             logger.close()

@@ -13,8 +13,9 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -252,7 +253,90 @@ def _has_gpu() -> bool:
     return bool(os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()) and torch.cuda.device_count() > 0
 
 
-class LearnerGroup:
+class LearnerFailure(RuntimeError):
+    """A learner rank's actor died: the job stopped every role; resubmitting the same command with
+    ``train.resume: auto`` continues from ``checkpoint`` (a rank cannot rejoin its process group).
+
+    Attributes: rank, progress (``"epoch 3"``, ``"iterations 40-49"``), checkpoint (the last complete one or
+    None)."""
+
+    def __init__(self, *, rank: int, progress: str, what: str, cause: BaseException, checkpoint: Path | None,
+                 resume: str):
+        self.rank, self.progress, self.checkpoint = rank, progress, checkpoint
+        if checkpoint is None:
+            where, fix = "none yet", "resubmit the same command; it starts again from scratch"
+        else:
+            where = str(checkpoint)
+            how = "" if resume == "auto" else f" (pass train.resume=auto: this run has resume: {resume})"
+            fix = f"resubmit the same command{how}; train.resume: auto continues from {checkpoint}"
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        super().__init__(
+            f"learner rank {rank} died during {progress} ({what}): {type(cause).__name__}: {first}. "
+            f"Every role of this job was stopped. Last complete checkpoint: {where}. Fix: {fix}"
+        )
+
+
+def gather_ranks(
+    group: Any, refs: list[Any], *, timeout_s: float, what: str,
+    on_death: Callable[[int, str, BaseException], NoReturn],
+) -> list[Any]:
+    """The results of one call per learner rank (rank order), failing fast: a rank whose actor died is
+    reported the moment Ray knows, while the other ranks may still block in a collective waiting for it.
+
+    ``on_death(rank, what, error)`` is called (and must raise) when a rank's actor is dead or unreachable;
+    it kills the group first. A rank's ordinary exception is raised as is after the group is killed, since
+    the surviving ranks can block in a collective; a timeout kills the group too."""
+    import ray
+
+    from rtdmd_ray.groups import gather
+
+    rank_of = {r: i for i, r in enumerate(refs)}
+    pending, deadline = list(refs), time.monotonic() + timeout_s
+    try:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                return gather(refs, timeout_s=0, what=what)  # raises the TimeoutError naming the ranks
+            for r in ready:
+                try:
+                    ray.get(r)
+                except ray.exceptions.RayActorError as e:
+                    group.shutdown()
+                    on_death(rank_of[r], what, e)
+        return ray.get(list(refs))
+    except BaseException:
+        group.shutdown()  # ray.kill: never wait on ranks that may block in a collective
+        raise
+
+
+class RankCalls:
+    """Calls on every learner rank that fail fast: a dead rank kills the group and raises ``LearnerFailure``
+    (``LearnerGroup`` and ``rl_step.RLLearnerGroup``). Needs ``group``, ``timeout_s``, ``output_dir``,
+    ``resume`` and ``progress`` (what the ranks are doing, for the message)."""
+
+    group: Any
+    timeout_s: float
+    output_dir: Path
+    resume: str
+    progress: str
+
+    def map(self, fn: Any, *, what: str) -> list[Any]:
+        """``fn(actor)`` on every rank, in rank order (``gather_ranks``)."""
+        return gather_ranks(self.group, self.group.map_async(fn), timeout_s=self.timeout_s, what=what,
+                            on_death=self.died)
+
+    def map_ranked(self, fn: Any, *, what: str) -> list[Any]:
+        """``fn(rank, actor)`` on every rank, in rank order (``gather_ranks``)."""
+        return gather_ranks(self.group, self.group.map_ranked_async(fn), timeout_s=self.timeout_s, what=what,
+                            on_death=self.died)
+
+    def died(self, rank: int, what: str, error: BaseException) -> NoReturn:
+        last = ckpt.latest_checkpoint(self.output_dir)
+        raise LearnerFailure(rank=rank, progress=self.progress, what=what, cause=error, checkpoint=last,
+                             resume=self.resume) from error
+
+
+class LearnerGroup(RankCalls):
     """The learner ranks of one run, created through ``groups.create_learner_group`` from ``cfg.resources``.
 
     Built from the whole config because it is the one place that maps config sections onto rank actors.
@@ -289,51 +373,34 @@ class LearnerGroup:
                 "threads": threads,
             }
 
-        self.timeout_s = timeout_s
+        self.timeout_s, self.resume = timeout_s, cfg.train.resume
+        self.output_dir, self.progress = resolve_path(cfg.train.output_dir), "start-up"
         self.group, self.dist_info = create_learner_group(
             Learner, res, init_kwargs=kwargs, strategy=r.placement, timeout_s=min(timeout_s, 300.0)
         )
-        try:
-            self.info = self.group.map(lambda a: a.setup.remote(), timeout_s=timeout_s, what="learner setup")[
-                0
-            ]
-        except BaseException:
-            self.group.shutdown()
-            raise
+        self.info = self.map(lambda a: a.setup.remote(), what="learner setup")[0]
 
     def run_cold_start(self, start_iteration: int, num_iterations: int) -> list[dict[str, float]]:
         """Rank 0's per-iteration metrics (already rank-averaged)."""
-        return self.group.map(
-            lambda a: a.run_cold_start.remote(start_iteration, num_iterations),
-            timeout_s=self.timeout_s,
-            what="cold-start iterations",
-        )[0]
+        self.progress = f"iterations {start_iteration + 1}-{start_iteration + num_iterations}"
+        return self.map(lambda a: a.run_cold_start.remote(start_iteration, num_iterations),
+                        what="cold-start iterations")[0]
 
     def evaluate(self, image_path: str | None = None) -> dict[str, float]:
-        return self.group.map(lambda a: a.evaluate.remote(image_path), timeout_s=self.timeout_s, what="eval")[
-            0
-        ]
+        return self.map(lambda a: a.evaluate.remote(image_path), what="eval")[0]
 
     def save_checkpoint(self, output_dir: str, keep_last: int) -> str:
-        return self.group.map(
-            lambda a: a.save_checkpoint.remote(output_dir, keep_last),
-            timeout_s=self.timeout_s,
-            what="save checkpoint",
-        )[0]
+        return self.map(lambda a: a.save_checkpoint.remote(output_dir, keep_last), what="save checkpoint")[0]
 
     def load_checkpoint(self, path: str) -> int:
-        its = self.group.map(
-            lambda a: a.load_checkpoint.remote(path), timeout_s=self.timeout_s, what="load checkpoint"
-        )
+        its = self.map(lambda a: a.load_checkpoint.remote(path), what="load checkpoint")
         if len(set(its)) != 1:
             raise RuntimeError(f"learner ranks resumed at different iterations {its} from {path}")
         return its[0]
 
     def call(self, method: str, *args: Any) -> list[Any]:
         """Every rank's result of ``method(*args)`` (inspection helpers: lora, frozen_checksum, ...)."""
-        return self.group.map(
-            lambda a: getattr(a, method).remote(*args), timeout_s=self.timeout_s, what=method
-        )
+        return self.map(lambda a: getattr(a, method).remote(*args), what=method)
 
     def shutdown(self) -> None:
         self.group.shutdown()
@@ -448,6 +515,10 @@ def run_cold_start(cfg: Config, *, ray_address: str | None = None) -> dict[str, 
             "metrics": last_metrics,
             "eval": last_eval,
         }
+    except LearnerFailure as e:
+        if logger is not None:
+            logger.write(f"cold-start stopped: {e}")
+        raise
     finally:
         if logger is not None:
             logger.close()

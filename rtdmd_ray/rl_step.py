@@ -55,7 +55,7 @@ from rtdmd_ray.config import (
     TrainConfig,
     resolve_path,
 )
-from rtdmd_ray.learner import Learner, _has_gpu
+from rtdmd_ray.learner import Learner, RankCalls, _has_gpu
 from rtdmd_ray.learner_state import ROLES, LearnerState, Stopwatch
 from rtdmd_ray.models.lora import (
     add_lora,
@@ -620,6 +620,7 @@ class RLLearner(Learner):
         )
         self.rl: RLUpdate | None = None
         self.sender: Any = None
+        self._crash = False
 
     stage = "rtdmd"  # checkpoints: Learner.save_checkpoint / load_checkpoint with RL meta
 
@@ -672,6 +673,10 @@ class RLLearner(Learner):
     ) -> dict[str, float]:
         """Train epoch ``epoch`` on this rank's shard: rows ``spans[i]`` of ``batches[i]`` (Ray resolves the
         batch refs passed as arguments), scored by ``scores`` in the same order."""
+        if self._crash:  # test hook: die mid-epoch, as a crashed rank would (the other ranks block in gloo)
+            import os
+
+            os._exit(1)
         t0 = time.perf_counter()
         shard = RolloutBatch.cat([b.index(slice(lo, hi)) for b, (lo, hi) in zip(batches, spans, strict=True)])
         t_fetch = time.perf_counter() - t0
@@ -718,8 +723,13 @@ class RLLearner(Learner):
     def policy_version(self) -> int:
         return self.state.iteration
 
+    def crash_on_next_update(self) -> None:
+        """Test hook (learner-failure tests): the next ``update`` kills this rank's process, as a crash
+        would; the job must end with ``LearnerFailure`` (a rank cannot rejoin its process group)."""
+        self._crash = True
 
-class RLLearnerGroup:
+
+class RLLearnerGroup(RankCalls):
     """The RL learner ranks (``groups.create_learner_group`` applies ``resources.learner``); one call per
     phase.
 
@@ -763,16 +773,12 @@ class RLLearnerGroup:
             }
 
         self.timeout_s, self.world_size = timeout_s, r.count
+        self.output_dir, self.resume = resolve_path(cfg.train.output_dir), cfg.train.resume
+        self.progress = "start-up"
         self.group, self.dist_info = create_learner_group(
             RLLearner, res, init_kwargs=kwargs, strategy=r.placement, timeout_s=min(timeout_s, 300.0)
         )
-        try:
-            self.info = self.group.map(lambda a: a.setup.remote(), timeout_s=timeout_s, what="learner setup")[
-                0
-            ]
-        except BaseException:
-            self.group.shutdown()
-            raise
+        self.info = self.map(lambda a: a.setup.remote(), what="learner setup")[0]
 
     def update(self, epoch: int, jobs: Sequence[Any], scores: ScoredBatch) -> dict[str, float]:
         """Train epoch ``epoch``: the concatenation of ``jobs``' rollouts (in order) is split into equal
@@ -797,11 +803,8 @@ class RLLearnerGroup:
             refs = [jobs[i].rollout_ref for i, _, _ in picked]
             return actor.update.remote(epoch, spans, scores.index(slice(lo, hi)), *refs)
 
-        from rtdmd_ray.groups import gather
-
-        return gather(
-            self.group.map_ranked_async(call), timeout_s=self.timeout_s, what=f"learner update {epoch}"
-        )[0]
+        self.progress = f"epoch {epoch}"
+        return self.map_ranked(call, what=f"learner update {epoch}")[0]
 
     def save_checkpoint(self, output_dir: str, keep_last: int) -> str:
         """Every rank writes its part; returns the checkpoint directory (``checkpoint.py`` layout)."""
@@ -812,6 +815,7 @@ class RLLearnerGroup:
         epochs = self.call("load_checkpoint", path)
         if len(set(epochs)) != 1:
             raise RuntimeError(f"learner ranks resumed at different epochs {epochs} from {path}")
+        self.progress = f"epoch {epochs[0]}"
         return epochs[0]
 
     def evaluate(self, image_path: str | None = None) -> dict[str, float]:
@@ -820,9 +824,7 @@ class RLLearnerGroup:
 
     def call(self, method: str, *args: Any) -> list[Any]:
         """Every rank's result of ``method(*args)`` (inspection: ``lora``, ``last_advantages``, ...)."""
-        return self.group.map(
-            lambda a: getattr(a, method).remote(*args), timeout_s=self.timeout_s, what=method
-        )
+        return self.map(lambda a: getattr(a, method).remote(*args), what=method)
 
     def shutdown(self) -> None:
         self.group.shutdown()

@@ -1,0 +1,91 @@
+"""A learner rank that dies ends the RL job cleanly, and resubmitting resumes (local CPU Ray, tiny SD3).
+
+One 2-epoch job (1 sampler, 1 reward worker, 2 gloo learner ranks): after epoch 0 (checkpoint 1 written),
+learner rank 1 is told to kill its process in its next ``update``; rank 0 then blocks in a gloo collective
+waiting for it. ``train`` must raise ``LearnerFailure`` promptly (not after the 300 s gloo timeout) naming
+the rank, the epoch, the checkpoint and the fix, with every role actor of the job dead. The same command
+with ``train.resume: auto`` then continues from checkpoint 1 to the end. The CLI prints the message without
+a traceback and exits 3.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from rtdmd_ray.config import load_config
+
+TINY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "debug" / "tiny_sd3.yaml"
+EPOCHS = 2
+CRASH_EPOCH = 1
+DETECT_S = 60.0  # the surviving rank's gloo timeout is 300 s: a hang shows up as a much longer wait
+
+
+def config(out: Path):
+    return load_config(TINY_CONFIG, [
+        f"train.iterations={EPOCHS}", f"train.output_dir={out}", "train.resume=auto",
+        "resources.reward_worker.count=1", "grpo.sample_batches_per_epoch=1",
+        "grpo.micro_batch_images_per_rank=2", "logging.stdout=false",
+    ])
+
+
+@pytest.mark.ray
+def test_dead_learner_rank_ends_the_job_and_resume_auto_continues(ray_local, tmp_path):
+    import ray
+
+    from rtdmd_ray import checkpoint as ckpt
+    from rtdmd_ray.driver import train
+    from rtdmd_ray.learner import LearnerFailure
+
+    actors: list = []
+    armed: list[float] = []
+
+    def kill_rank_1(epoch: int, metrics: dict, roles: dict) -> None:
+        if epoch == CRASH_EPOCH - 1:
+            for role in roles.values():
+                actors.extend(role.group.actors)
+            ray.get(roles["learners"].group[1].crash_on_next_update.remote())
+            armed.append(time.monotonic())
+
+    with pytest.raises(LearnerFailure) as info:
+        train(config(tmp_path), on_epoch=kill_rank_1)
+    waited = time.monotonic() - armed[0]
+    assert waited < DETECT_S, f"the job took {waited:.0f} s to notice the dead rank"
+
+    last = tmp_path / ckpt.checkpoint_name(CRASH_EPOCH)
+    err = info.value
+    assert err.rank == 1 and err.checkpoint == last and err.progress == f"epoch {CRASH_EPOCH}"
+    msg = str(err)
+    assert msg.startswith(f"learner rank 1 died during epoch {CRASH_EPOCH} (learner update {CRASH_EPOCH})")
+    assert f"Last complete checkpoint: {last}" in msg
+    assert f"resubmit the same command; train.resume: auto continues from {last}" in msg
+
+    # no role actor of the job is left: samplers, reward workers and both learner ranks (rank 0 was blocked)
+    assert len(actors) == 4
+    for actor in actors:
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(actor.__ray_ready__.remote(), timeout=60)
+
+    resumed = train(config(tmp_path))  # the same command again
+    assert resumed["epochs"] == EPOCHS and resumed["policy_version"] == EPOCHS
+    versions = [m["rollout/policy_version"] for m in resumed["metrics"]]
+    assert versions == list(range(CRASH_EPOCH + 1, EPOCHS + 1))
+    assert Path(resumed["checkpoint"]).name == ckpt.checkpoint_name(EPOCHS)
+
+
+def test_cli_prints_the_learner_failure_without_traceback_and_exits_3(monkeypatch, capsys):
+    from rtdmd_ray import driver
+    from rtdmd_ray.cli import main
+    from rtdmd_ray.learner import LearnerFailure
+
+    def dead_rank(cfg, **kwargs):
+        raise LearnerFailure(rank=1, progress="epoch 4", what="learner update 4", cause=RuntimeError("gone"),
+                             checkpoint=Path("/runs/x/checkpoint-00000004"), resume="auto")
+
+    monkeypatch.setattr(driver, "train", dead_rank)
+    assert main(["train", str(TINY_CONFIG)]) == 3
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith("train: learner rank 1 died during epoch 4")
+    assert "train.resume: auto continues from /runs/x/checkpoint-00000004" in err
