@@ -283,14 +283,16 @@ def gather_ranks(
     """The results of one call per learner rank (rank order), failing fast: a rank whose actor died is
     reported the moment Ray knows, while the other ranks may still block in a collective waiting for it.
 
-    ``on_death(rank, what, error)`` is called (and must raise) when a rank's actor is dead or unreachable;
-    it kills the group first. A rank's ordinary exception is raised as is after the group is killed, since
-    the surviving ranks can block in a collective; a timeout kills the group too."""
+    ``on_death(rank, what, error)`` is called (and must raise) when a rank's actor is dead or unreachable,
+    after the group is killed. A rank's ordinary exception (often the survivor's collective failing because
+    its peer vanished) first gives the other ranks ``DEATH_GRACE_S`` to show a dead actor, which is then
+    the reported cause; otherwise it is raised as is. Any failure kills the group: never wait on ranks
+    that may block in a collective."""
     import ray
 
     from rtdmd_ray.groups import gather
 
-    rank_of = {r: i for i, r in enumerate(refs)}
+    rank_of = {r.hex(): i for i, r in enumerate(refs)}
     pending, deadline = list(refs), time.monotonic() + timeout_s
     try:
         while pending:
@@ -302,11 +304,37 @@ def gather_ranks(
                     ray.get(r)
                 except ray.exceptions.RayActorError as e:
                     group.shutdown()
-                    on_death(rank_of[r], what, e)
+                    on_death(rank_of[r.hex()], what, e)
+                except Exception:
+                    if (dead := _dead_rank([x for x in refs if x.hex() != r.hex()])) is not None:
+                        group.shutdown()
+                        on_death(rank_of[dead[0].hex()], what, dead[1])
+                    raise
         return ray.get(list(refs))
     except BaseException:
-        group.shutdown()  # ray.kill: never wait on ranks that may block in a collective
+        group.shutdown()
         raise
+
+
+DEATH_GRACE_S = 10.0  # how long a rank's error waits for Ray to report a dead peer as the real cause
+
+
+def _dead_rank(refs: list[Any]) -> tuple[Any, BaseException] | None:
+    """The first of ``refs`` whose actor died (within ``DEATH_GRACE_S``) and its error, else None."""
+    import ray
+
+    pending, deadline = list(refs), time.monotonic() + DEATH_GRACE_S
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        if not ready:
+            return None
+        try:
+            ray.get(ready[0], timeout=0)
+        except ray.exceptions.RayActorError as e:
+            return ready[0], e
+        except Exception:
+            pass
+    return None
 
 
 class RankCalls:

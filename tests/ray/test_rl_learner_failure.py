@@ -89,3 +89,42 @@ def test_cli_prints_the_learner_failure_without_traceback_and_exits_3(monkeypatc
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.startswith("train: learner rank 1 died during epoch 4")
     assert "train.resume: auto continues from /runs/x/checkpoint-00000004" in err
+
+
+@pytest.mark.ray
+def test_gather_ranks_blames_the_dead_rank_not_the_survivors_collective_error(ray_local):
+    """The survivor's collective often fails first (its peer's socket closed); the dead rank is the cause."""
+    import os
+
+    import ray
+
+    from rtdmd_ray.learner import gather_ranks
+
+    @ray.remote(num_cpus=0)
+    class Rank:
+        def run(self, die: bool) -> None:
+            if die:
+                time.sleep(1.0)  # Ray learns of this death after the survivor's error is in
+                os._exit(1)
+            raise RuntimeError("gloo: connection closed by peer")
+
+    class Group:
+        actors = [Rank.remote(), Rank.remote()]
+        killed = 0
+
+        def shutdown(self) -> None:
+            for a in self.actors:
+                ray.kill(a, no_restart=True)
+            Group.killed += 1
+
+    class Died(Exception):
+        pass
+
+    def on_death(rank: int, what: str, error: BaseException):
+        raise Died(rank, what, type(error).__name__)
+
+    group = Group()
+    with pytest.raises(Died) as info:
+        gather_ranks(group, [a.run.remote(die=r == 1) for r, a in enumerate(group.actors)], timeout_s=60,
+                     what="update 3", on_death=on_death)
+    assert info.value.args == (1, "update 3", "ActorDiedError") and Group.killed >= 1
