@@ -41,7 +41,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lora", action="append", default=[], metavar="LABEL=PATH[,PATH...]",
                    help="add the row '<LABEL>, 4 NFE CPS η=0.9': the teacher with these LoRA files merged in "
-                        "order (no CFG); repeatable")
+                        "order (no CFG); repeatable; LABEL has no '='")
     p.add_argument("--no-teacher-rows", action="store_true", help="only the ground-truth and --lora rows")
     p.add_argument("--recompute", action="store_true",
                    help="ignore rows already in <out>/results.json (by default they are reused)")
@@ -79,9 +79,16 @@ def main(argv: list[str]) -> int:
                 parser.error(f"--lora {spec!r}: expected LABEL=PATH[,PATH...], e.g. "
                              "--lora AC-DMD=rtdmd_ray/shapes/assets/acdmd/generator_ema.safetensors")
             lora_rows[label] = paths.split(",")
-        run_eval(teacher_dir=args.teacher, clip_dir=args.clip, out_dir=args.out, n_captions=args.n_captions,
-                 cfg_scale=args.cfg, threads=args.threads, seed=args.seed, lora_rows=lora_rows,
-                 teacher_rows=not args.no_teacher_rows, recompute=args.recompute)
+        try:
+            run_eval(teacher_dir=args.teacher, clip_dir=args.clip, out_dir=args.out,
+                     n_captions=args.n_captions, cfg_scale=args.cfg, threads=args.threads, seed=args.seed,
+                     lora_rows=lora_rows,
+                     teacher_rows=not args.no_teacher_rows, recompute=args.recompute)
+        except FileNotFoundError as e:
+            import sys
+
+            print(f"shapes eval: {e}", file=sys.stderr)
+            return 2
         return 0
     parser.error(f"unknown verb {args.verb}")
     return 2
