@@ -92,3 +92,14 @@ class FlowBackbone(Protocol):
     def sigma_schedule(self, step_list: tuple[int, ...], resolution: int) -> list[float]:
         """The shifted few-step schedule ending in 0.0 (spec §1.1)."""
         ...
+
+
+def resolve_uncond(backbone: FlowBackbone, cond: Conditioning, uncond: Conditioning | None) -> Conditioning:
+    """The unconditional side of classic CFG for ``cond``: ``uncond`` (a single row is repeated to ``cond``'s
+    batch) or, when None, the backbone's cached empty-prompt conditioning."""
+    batch = cond.batch_size
+    if uncond is None:
+        return backbone.empty_conditioning(batch)
+    if uncond.batch_size == 1 and batch > 1:
+        return uncond.repeat(batch)
+    return uncond

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rtdmd_ray.models.base import Conditioning
+from rtdmd_ray.models.base import Conditioning, resolve_uncond
 
 # diffusers layout: subfolder -> (library, class) of every component a family loads
 Layout = dict[str, tuple[str, str]]
@@ -136,12 +136,7 @@ class DiffusersBackbone:
         return model.eval().to(self.device)
 
     def _resolve_uncond(self, cond: Conditioning, uncond: Conditioning | None) -> Conditioning:
-        batch = cond.batch_size
-        if uncond is None:
-            return self.empty_conditioning(batch)
-        if uncond.batch_size == 1 and batch > 1:
-            return uncond.repeat(batch)
-        return uncond
+        return resolve_uncond(self, cond, uncond)
 
     def image_seq_len(self, resolution: int) -> int:
         """Image tokens the schedule's dynamic shift is computed from (family-specific)."""

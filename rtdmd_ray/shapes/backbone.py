@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from rtdmd_ray.models.base import Conditioning
+from rtdmd_ray.models.base import Conditioning, resolve_uncond
 from rtdmd_ray.shapes.render import RESOLUTION_PX, decode_latents
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
@@ -170,11 +170,7 @@ class ShapesBackbone:
         """``v [B, 12, 16, 16]`` (dtype of ``x``) at latents ``x`` and ``sigma [B]``; classic CFG if > 1."""
         t = self.sigma_vector(sigma, x.shape[0]) * NUM_TRAIN_TIMESTEPS
         if guidance > 1.0:
-            b = cond.batch_size
-            if uncond is None:
-                u = self.empty_conditioning(b)
-            else:
-                u = uncond.repeat(b) if (uncond.batch_size == 1 and b > 1) else uncond
+            u = resolve_uncond(self, cond, uncond)
             pred = self._forward(torch.cat([x, x]), torch.cat([t, t]), Conditioning.cat([u, cond]))
             v_u, v_c = pred.float().chunk(2)
             v = v_u + guidance * (v_c - v_u)
