@@ -10,8 +10,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,26 +23,14 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.ray.heads import free_ports, stop_head
+
 pytestmark = pytest.mark.ray
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_CONFIG = REPO / "configs" / "debug" / "tiny_sd3.yaml"
 VENV_BIN = Path(sys.executable).parent
 JOB_TIMEOUT_S = 600.0
-
-
-def _free_ports(n: int) -> list[int]:
-    """n distinct free TCP ports on 127.0.0.1 (held together while picking, so they differ)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _http(url: str, token: str | None = None, timeout: float = 60.0) -> tuple[int, str]:
@@ -54,30 +40,6 @@ def _http(url: str, token: str | None = None, timeout: float = 60.0) -> tuple[in
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode(errors="replace")
-
-
-def _stop_head(proc: subprocess.Popen) -> None:
-    """SIGTERM the `ray start --block` we started (it tears its node down), then SIGKILL whatever is left in
-    its process group. Only this PID and its group: other Ray clusters on the machine are untouched."""
-    pgid = proc.pid  # start_new_session=True: the head is its own process-group leader
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            pass
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.5)
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
-    proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +59,7 @@ def head() -> Iterator[dict[str, Any]]:
         TOKENIZERS_PARALLELISM="false",
         PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # `rtdmd-ray` for the job's shell
     )
-    gcs, dash, agent, client, metrics = _free_ports(5)
+    gcs, dash, agent, client, metrics = free_ports(5)
     cmd = [
         str(VENV_BIN / "ray"), "start", "--head", "--block",
         f"--port={gcs}", "--node-ip-address=127.0.0.1",
@@ -128,7 +90,7 @@ def head() -> Iterator[dict[str, Any]]:
             time.sleep(1.0)
         yield {"url": url, "token": token, "env": env, "tmp": Path(tmp)}
     finally:
-        _stop_head(proc)
+        stop_head(proc)
         log.close()
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -12,8 +12,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from rtdmd_ray.metrics import prometheus_series
+from tests.ray.heads import free_ports, stop_head
 
 pytestmark = pytest.mark.ray
 
@@ -50,16 +49,6 @@ EXPECTED = {
     "timing/learner_update_s": lambda v: v > 0,
     "learner/idle_frac": lambda v: 0 <= v <= 1,
 }
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def parse(text: str) -> dict[tuple[str, frozenset], float]:
@@ -101,21 +90,6 @@ def start_head(log: Path) -> tuple[subprocess.Popen, dict, str]:
         env=env, stdout=open(log, "a"), stderr=subprocess.STDOUT, start_new_session=True,
     )
     return proc, {**p, "env": env}, tmp
-
-
-def stop_head(proc: subprocess.Popen) -> None:
-    """SIGTERM the ``ray start --block`` we started (it drains its own node), then its process group."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # start_new_session: the group is exactly this head's processes
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=30)
 
 
 @pytest.fixture
