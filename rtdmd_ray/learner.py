@@ -293,6 +293,7 @@ def gather_ranks(
     from rtdmd_ray.groups import gather
 
     rank_of = {r.hex(): i for i, r in enumerate(refs)}
+    results: dict[str, Any] = {}  # fetched once, as each rank finishes
     pending, deadline = list(refs), time.monotonic() + timeout_s
     try:
         while pending:
@@ -301,7 +302,7 @@ def gather_ranks(
                 return gather(refs, timeout_s=0, what=what)  # raises the TimeoutError naming the ranks
             for r in ready:
                 try:
-                    ray.get(r)
+                    results[r.hex()] = ray.get(r)
                 except ray.exceptions.RayActorError as e:
                     group.shutdown()
                     on_death(rank_of[r.hex()], what, e)
@@ -310,7 +311,7 @@ def gather_ranks(
                         group.shutdown()
                         on_death(rank_of[dead[0].hex()], what, dead[1])
                     raise
-        return ray.get(list(refs))
+        return [results[r.hex()] for r in refs]
     except BaseException:
         group.shutdown()
         raise
