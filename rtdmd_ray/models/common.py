@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from rtdmd_ray.models.base import Conditioning, resolve_uncond
+from rtdmd_ray.models.loading import load_component, parse_dtype, resolve_model_dir
 
 # diffusers layout: subfolder -> (library, class) of every component a family loads
 Layout = dict[str, tuple[str, str]]
@@ -32,6 +33,8 @@ class DiffusersBackbone:
     family: str = ""
     pipeline_class: str = ""  # the diffusers pipeline whose model_index.json layout we read and write
     layout: Layout = {}
+    # subfolder -> class loaded instead of the one ``layout`` writes to model_index.json (same library)
+    load_classes: dict[str, str] = {}
 
     def __init__(
         self,
@@ -59,6 +62,34 @@ class DiffusersBackbone:
         for enc in self.text_encoders.values():
             freeze(enc)
         self.to(self.device)
+
+    @classmethod
+    def load_components(cls, path_or_repo: str | Path, *, dtype: str | torch.dtype,
+                        config_key: str = "model.pretrained_path") -> dict[str, Any]:
+        """Every ``layout`` component from a local diffusers directory or a hub id, as the constructor's
+        keyword arguments (``transformer``, ``vae``, ``scheduler``, ``text_encoders``, ``tokenizers``,
+        ``dtype``); a missing or unreadable component is a one-line error naming ``config_key``."""
+        import importlib
+
+        torch_dtype = parse_dtype(dtype)
+        root = resolve_model_dir(path_or_repo, subfolders=list(cls.layout), config_key=config_key)
+        loaded: dict[str, Any] = {}
+        for sub, (library, class_name) in cls.layout.items():
+            klass = getattr(importlib.import_module(library), cls.load_classes.get(sub, class_name))
+            kwargs: dict[str, Any] = {}
+            if sub not in ("scheduler",) and not sub.startswith("tokenizer"):
+                # the two libraries spell the argument differently (transformers 5 renamed torch_dtype)
+                kwargs["torch_dtype" if library == "diffusers" else "dtype"] = torch_dtype
+            loaded[sub] = load_component(
+                root, sub, lambda k=klass, s=sub, kw=kwargs: k.from_pretrained(root, subfolder=s, **kw))
+        return {
+            "transformer": loaded.pop("transformer"),
+            "vae": loaded.pop("vae"),
+            "scheduler": loaded.pop("scheduler"),
+            "text_encoders": {k: v for k, v in loaded.items() if k.startswith("text_encoder")},
+            "tokenizers": {k: v for k, v in loaded.items() if k.startswith("tokenizer")},
+            "dtype": torch_dtype,
+        }
 
     # ------------------------------------------------------------------ bookkeeping
     @property

@@ -17,7 +17,6 @@ from torch import nn
 
 from rtdmd_ray.models.base import Conditioning
 from rtdmd_ray.models.common import DiffusersBackbone, cast_conditioning
-from rtdmd_ray.models.loading import load_component, parse_dtype, resolve_model_dir
 
 FLUX1_DEV = "black-forest-labs/FLUX.1-dev"
 
@@ -83,42 +82,8 @@ class Flux1Backbone(DiffusersBackbone):
         config_key: str = "model.pretrained_path",
     ) -> Flux1Backbone:
         """Load the diffusers layout from a local directory or a hub id (one-line error when absent)."""
-        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-        from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
-
-        torch_dtype = parse_dtype(dtype)
-        root = resolve_model_dir(path_or_repo, subfolders=list(cls.layout), config_key=config_key)
-
-        def diff(sub: str, klass: Any) -> Any:
-            return load_component(
-                root, sub, lambda: klass.from_pretrained(root, subfolder=sub, torch_dtype=torch_dtype)
-            )
-
-        def hf(sub: str, klass: Any) -> Any:
-            return load_component(
-                root, sub, lambda: klass.from_pretrained(root, subfolder=sub, dtype=torch_dtype)
-            )
-
-        def tok(sub: str, klass: Any) -> Any:
-            return load_component(root, sub, lambda: klass.from_pretrained(root, subfolder=sub))
-
         return cls(
-            transformer=diff("transformer", FluxTransformer2DModel),
-            vae=diff("vae", AutoencoderKL),
-            scheduler=load_component(
-                root,
-                "scheduler",
-                lambda: FlowMatchEulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler"),
-            ),
-            text_encoders={
-                "text_encoder": hf("text_encoder", CLIPTextModel),
-                "text_encoder_2": hf("text_encoder_2", T5EncoderModel),
-            },
-            tokenizers={
-                "tokenizer": tok("tokenizer", CLIPTokenizer),
-                "tokenizer_2": tok("tokenizer_2", T5TokenizerFast),
-            },
-            dtype=torch_dtype,
+            **cls.load_components(path_or_repo, dtype=dtype, config_key=config_key),
             device=device,
             t5_max_length=t5_max_length,
         )

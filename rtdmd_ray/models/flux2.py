@@ -18,7 +18,6 @@ from torch import nn
 
 from rtdmd_ray.models.base import Conditioning
 from rtdmd_ray.models.common import DiffusersBackbone, cast_conditioning
-from rtdmd_ray.models.loading import load_component, parse_dtype, resolve_model_dir
 
 FLUX2_KLEIN_4B = "black-forest-labs/FLUX.2-klein-4B"
 FLUX2_KLEIN_BASE_4B = "black-forest-labs/FLUX.2-klein-base-4B"
@@ -82,6 +81,8 @@ class Flux2Backbone(DiffusersBackbone):
         "text_encoder": ("transformers", "Qwen3ForCausalLM"),
         "tokenizer": ("transformers", "Qwen2TokenizerFast"),
     }
+    # the Qwen3 tokenizer class differs across transformers releases; AutoTokenizer reads it from the folder
+    load_classes = {"tokenizer": "AutoTokenizer"}
 
     def __init__(self, *, max_length: int = 512, text_layers: tuple[int, ...] = TEXT_LAYERS, **kwargs: Any):
         self.max_length = max_length
@@ -100,40 +101,8 @@ class Flux2Backbone(DiffusersBackbone):
         config_key: str = "model.pretrained_path",
     ) -> Flux2Backbone:
         """Load the diffusers layout from a local directory or a hub id (one-line error when absent)."""
-        from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
-        from transformers import AutoTokenizer, Qwen3ForCausalLM
-
-        torch_dtype = parse_dtype(dtype)
-        root = resolve_model_dir(path_or_repo, subfolders=list(cls.layout), config_key=config_key)
-
-        def diff(sub: str, klass: Any) -> Any:
-            return load_component(
-                root, sub, lambda: klass.from_pretrained(root, subfolder=sub, torch_dtype=torch_dtype)
-            )
-
         return cls(
-            transformer=diff("transformer", Flux2Transformer2DModel),
-            vae=diff("vae", AutoencoderKLFlux2),
-            scheduler=load_component(
-                root,
-                "scheduler",
-                lambda: FlowMatchEulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler"),
-            ),
-            text_encoders={
-                "text_encoder": load_component(
-                    root,
-                    "text_encoder",
-                    lambda: Qwen3ForCausalLM.from_pretrained(
-                        root, subfolder="text_encoder", dtype=torch_dtype
-                    ),
-                )
-            },
-            tokenizers={
-                "tokenizer": load_component(
-                    root, "tokenizer", lambda: AutoTokenizer.from_pretrained(root, subfolder="tokenizer")
-                )
-            },
-            dtype=torch_dtype,
+            **cls.load_components(path_or_repo, dtype=dtype, config_key=config_key),
             device=device,
             max_length=max_length,
             text_layers=text_layers,
