@@ -546,7 +546,7 @@ class RoleResourcesConfig:
         count: number of actors.
         cpus_per_actor: logical CPUs reserved per actor (fractions allowed).
         gpus_per_actor: GPUs per actor (fractions colocate actors on one GPU; above 1 it must be whole).
-        max_restarts: how often Ray restarts a dead actor (-1 = forever, 0 = never).
+        max_restarts: how often Ray restarts a dead actor (-1 = forever, 0 = never; learners: 0 only).
         max_task_retries: how often a call on a restarted actor is retried (-1 = forever); needs max_restarts.
         placement: Ray placement-group strategy for this role's actors.
         custom: Ray custom resources per actor {name: amount}, e.g. {rtdmd_reward: 1}: the role's actors
@@ -931,7 +931,12 @@ def _check(cfg: Config) -> list[str]:
             p.append(f"resources.{role}.gpus_per_actor={rr.gpus_per_actor}: above 1 it must be whole")
         if rr.max_restarts < -1 or rr.max_task_retries < -1:
             p.append(f"resources.{role}.max_restarts / max_task_retries must be >= -1 (-1 = forever)")
-        if rr.max_task_retries != 0 and rr.max_restarts == 0:
+        if role == "learner" and (rr.max_restarts != 0 or rr.max_task_retries != 0):
+            p.append(f"resources.learner.max_restarts={rr.max_restarts} / max_task_retries="
+                     f"{rr.max_task_retries}: must be 0, a restarted learner rank cannot rejoin its "
+                     "process group; a dead rank ends the run with LearnerFailure and train.resume: auto "
+                     "continues from the last checkpoint")
+        elif rr.max_task_retries != 0 and rr.max_restarts == 0:
             p.append(f"resources.{role}.max_task_retries={rr.max_task_retries} has no effect with "
                      f"max_restarts=0: Ray retries calls only on restarted actors; set "
                      f"resources.{role}.max_restarts")

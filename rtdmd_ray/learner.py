@@ -345,9 +345,40 @@ class RankCalls:
 
     group: Any
     timeout_s: float
+    world_size: int
     output_dir: Path
     resume: str
     progress: str
+    info: Any
+    dist_info: Any
+
+    def start_ranks(self, cfg: Config, actor_class: Any, *, extra_kwargs: dict[str, Any] | None = None,
+                    timeout_s: float) -> None:
+        """Create ``resources.learner.count`` rank actors of ``actor_class`` (``groups.create_learner_group``
+        applies ``resources.learner``), join their process group and run ``setup``; ``extra_kwargs`` are the
+        stage's constructor arguments beyond the shared sections."""
+        from rtdmd_ray.groups import RoleResources, create_learner_group
+
+        r = cfg.resources.learner
+        # config validation keeps max_restarts at 0: a restarted rank cannot rejoin its process group
+        res = RoleResources.from_config(r)
+        threads = max(1, int(r.cpus_per_actor))
+
+        def kwargs(rank: int) -> dict[str, Any]:
+            return {
+                "model": cfg.model, "sampling": cfg.sampling, "dmd": cfg.dmd, "ac_dmd": cfg.ac_dmd,
+                "solver": cfg.solver, "train": cfg.train, "data": cfg.data, "eval_cfg": cfg.eval,
+                "rewards": cfg.rewards, "parallelism": cfg.resources.learner_parallelism,
+                "rank": rank, "world_size": r.count, "threads": threads, **(extra_kwargs or {}),
+            }
+
+        self.timeout_s, self.world_size = timeout_s, r.count
+        self.output_dir, self.resume = resolve_path(cfg.train.output_dir), cfg.train.resume
+        self.progress = "start-up"
+        self.group, self.dist_info = create_learner_group(
+            actor_class, res, init_kwargs=kwargs, strategy=r.placement, timeout_s=min(timeout_s, 300.0)
+        )
+        self.info = self.map(lambda a: a.setup.remote(), what="learner setup")[0]
 
     def map(self, fn: Any, *, what: str) -> list[Any]:
         """``fn(actor)`` on every rank, in rank order (``gather_ranks``)."""
@@ -372,42 +403,7 @@ class LearnerGroup(RankCalls):
     """
 
     def __init__(self, cfg: Config, *, timeout_s: float = CALL_TIMEOUT_S):
-        from rtdmd_ray.groups import RoleResources, create_learner_group
-
-        r = cfg.resources.learner
-        res = RoleResources(
-            count=r.count,
-            cpus_per_actor=r.cpus_per_actor,
-            gpus_per_actor=r.gpus_per_actor,
-            custom=r.custom,  # Ray custom resources: pin the role to its nodes
-            max_restarts=r.max_restarts,
-            max_task_retries=r.max_task_retries,
-        )
-        threads = max(1, int(r.cpus_per_actor))
-
-        def kwargs(rank: int) -> dict[str, Any]:
-            return {
-                "model": cfg.model,
-                "sampling": cfg.sampling,
-                "dmd": cfg.dmd,
-                "ac_dmd": cfg.ac_dmd,
-                "solver": cfg.solver,
-                "train": cfg.train,
-                "data": cfg.data,
-                "eval_cfg": cfg.eval,
-                "rewards": cfg.rewards,
-                "parallelism": cfg.resources.learner_parallelism,
-                "rank": rank,
-                "world_size": r.count,
-                "threads": threads,
-            }
-
-        self.timeout_s, self.resume = timeout_s, cfg.train.resume
-        self.output_dir, self.progress = resolve_path(cfg.train.output_dir), "start-up"
-        self.group, self.dist_info = create_learner_group(
-            Learner, res, init_kwargs=kwargs, strategy=r.placement, timeout_s=min(timeout_s, 300.0)
-        )
-        self.info = self.map(lambda a: a.setup.remote(), what="learner setup")[0]
+        self.start_ranks(cfg, Learner, timeout_s=timeout_s)
 
     def run_cold_start(self, start_iteration: int, num_iterations: int) -> list[dict[str, float]]:
         """Rank 0's per-iteration metrics (already rank-averaged)."""

@@ -28,7 +28,6 @@ the only part that imports Ray.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -738,47 +737,12 @@ class RLLearnerGroup(RankCalls):
     """
 
     def __init__(self, cfg: Any, *, timeout_s: float = 3600.0):
-        from rtdmd_ray.groups import RoleResources, create_learner_group
-
-        r = cfg.resources.learner
-        res = RoleResources(
-            count=r.count,
-            cpus_per_actor=r.cpus_per_actor,
-            gpus_per_actor=r.gpus_per_actor,
-            custom=r.custom,  # Ray custom resources: pin the role to its nodes
-            max_restarts=0,
-            max_task_retries=0,
-        )  # a rank cannot rejoin its process group
-        threads = max(1, math.floor(r.cpus_per_actor))
-
-        def kwargs(rank: int) -> dict[str, Any]:
-            return {
-                "model": cfg.model,
-                "sampling": cfg.sampling,
-                "dmd": cfg.dmd,
-                "ac_dmd": cfg.ac_dmd,
-                "solver": cfg.solver,
-                "train": cfg.train,
-                "data": cfg.data,
-                "eval_cfg": cfg.eval,
-                "rewards": cfg.rewards,
-                "parallelism": cfg.resources.learner_parallelism,
-                "rank": rank,
-                "world_size": r.count,
-                "threads": threads,
-                "grpo": cfg.grpo,
-                "last_step_loss": cfg.last_step_loss,
-                "micro_batches_per_epoch": cfg.micro_batches_per_rank_per_epoch,
-                "micro_batches_per_step": cfg.micro_batches_per_optimizer_step,
-            }
-
-        self.timeout_s, self.world_size = timeout_s, r.count
-        self.output_dir, self.resume = resolve_path(cfg.train.output_dir), cfg.train.resume
-        self.progress = "start-up"
-        self.group, self.dist_info = create_learner_group(
-            RLLearner, res, init_kwargs=kwargs, strategy=r.placement, timeout_s=min(timeout_s, 300.0)
-        )
-        self.info = self.map(lambda a: a.setup.remote(), what="learner setup")[0]
+        self.start_ranks(cfg, RLLearner, timeout_s=timeout_s, extra_kwargs={
+            "grpo": cfg.grpo,
+            "last_step_loss": cfg.last_step_loss,
+            "micro_batches_per_epoch": cfg.micro_batches_per_rank_per_epoch,
+            "micro_batches_per_step": cfg.micro_batches_per_optimizer_step,
+        })
 
     def update(self, epoch: int, jobs: Sequence[Any], scores: ScoredBatch) -> dict[str, float]:
         """Train epoch ``epoch``: the concatenation of ``jobs``' rollouts (in order) is split into equal
