@@ -37,6 +37,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--n-captions", type=int, default=1002, help="test captions (balanced over the 6 tags)")
     p.add_argument("--cfg", type=float, default=None, help="CFG scale (default: pick on a validation set)")
+    p.add_argument("--cfg-max-sigma", type=float, default=None,
+                   help="teacher rows: CFG only on steps at sigma <= this (1 = every step; default: picked "
+                        "with --cfg on a validation set, or 1 when --cfg is given)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lora", action="append", default=[], metavar="LABEL=PATH[,PATH...]",
@@ -81,7 +84,8 @@ def main(argv: list[str]) -> int:
             lora_rows[label] = paths.split(",")
         try:
             run_eval(teacher_dir=args.teacher, clip_dir=args.clip, out_dir=args.out,
-                     n_captions=args.n_captions, cfg_scale=args.cfg, threads=args.threads, seed=args.seed,
+                     n_captions=args.n_captions, cfg_scale=args.cfg,
+                     cfg_max_sigma=args.cfg_max_sigma, threads=args.threads, seed=args.seed,
                      lora_rows=lora_rows,
                      teacher_rows=not args.no_teacher_rows, recompute=args.recompute)
         except FileNotFoundError as e:

@@ -26,7 +26,8 @@ from rtdmd_ray.shapes.backbone import SHIPPED_CLIP, ShapesBackbone, sample
 from rtdmd_ray.shapes.prompts import TAGS, balanced_eval_prompts, split_prompts
 
 FOUR_STEPS = (1000, 750, 500, 250)
-DEFAULT_CFG_GRID = (3.0, 4.5, 6.0)
+# (CFG scale, guidance_max_sigma): CFG on every step, or only below sigma 0.8 (a limited guidance interval)
+DEFAULT_CFG_GRID = ((3.0, 1.0), (4.5, 1.0), (6.0, 1.0), (4.5, 0.8), (6.0, 0.8))
 
 
 def fifty_step_sigmas(backbone: ShapesBackbone) -> list[float]:
@@ -34,7 +35,8 @@ def fifty_step_sigmas(backbone: ShapesBackbone) -> list[float]:
 
 
 def generate(backbone: ShapesBackbone, metas: list[dict[str, Any]], sigmas: list[float], *, cfg: float,
-             eta: float = 0.0, seed: int = 0, batch_size: int = 250) -> torch.Tensor:
+             eta: float = 0.0, seed: int = 0, batch_size: int = 250, cfg_max_sigma: float = 1.0,
+             ) -> torch.Tensor:
     """Images ``[N, 3, 32, 32]``; image ``i`` uses noise seeded by ``(seed, i)`` so rows share noise."""
     out = []
     for start in range(0, len(metas), batch_size):
@@ -44,7 +46,7 @@ def generate(backbone: ShapesBackbone, metas: list[dict[str, Any]], sigmas: list
             for i in range(len(chunk))])
         g = torch.Generator().manual_seed(seed * 7 + start)
         out.append(sample(backbone, [m["prompt"] for m in chunk], sigmas, guidance=cfg, eta=eta, generator=g,
-                          latents=noise))
+                          latents=noise, guidance_max_sigma=cfg_max_sigma))
     return torch.cat(out)
 
 
@@ -83,27 +85,35 @@ def score_images(images: torch.Tensor, metas: list[dict[str, Any]], scorer: Shap
 
 
 def diversity(backbone: ShapesBackbone, metas: list[dict[str, Any]], sigmas: list[float], *, cfg: float,
-              eta: float, scorer: ShapesGenevalScorer, n_seeds: int = 4) -> float:
+              eta: float, scorer: ShapesGenevalScorer, n_seeds: int = 4, cfg_max_sigma: float = 1.0) -> float:
     """Mean number of distinct detected layouts per prompt over ``n_seeds`` seeds (1 = mode collapse)."""
     keys = []
     for s in range(n_seeds):
-        imgs = generate(backbone, metas, sigmas, cfg=cfg, eta=eta, seed=100 + s)
+        imgs = generate(backbone, metas, sigmas, cfg=cfg, eta=eta, seed=100 + s, cfg_max_sigma=cfg_max_sigma)
         keys.append([_layout_key(o) for o in scorer.detect(imgs)])
     return float(np.mean([len({keys[s][i] for s in range(n_seeds)}) for i in range(len(metas))]))
 
 
+def guidance_label(cfg: float, cfg_max_sigma: float) -> str:
+    return f"CFG {cfg:g}" + (f" on σ ≤ {cfg_max_sigma:g}" if cfg_max_sigma < 1.0 else "")
+
+
 def pick_cfg(backbone: ShapesBackbone, scorer: ShapesGenevalScorer, *, grid=DEFAULT_CFG_GRID,
-             n_per_tag: int = 25, seed: int = 0) -> tuple[float, dict[float, float]]:
-    """CFG scale with the best 50-NFE strict accuracy on validation captions from the train prompts."""
+             n_per_tag: int = 50, seed: int = 0) -> tuple[tuple[float, float], dict[str, float]]:
+    """``(CFG scale, guidance_max_sigma)`` with the best 50-NFE strict accuracy on validation captions from
+    the *train* prompts (never test), and every setting's score by its label."""
     train, _ = split_prompts(0)
     val = balanced_eval_prompts(train, n_per_tag, seed=seed + 999)
     sig = fifty_step_sigmas(backbone)
-    scores = {}
-    for cfg in grid:
-        imgs = generate(backbone, val, sig, cfg=cfg, seed=seed + 999)
-        scores[cfg] = float(scorer(imgs, [m["prompt"] for m in val], val)["strict_accuracy"].mean())
-        print(f"  validation cfg {cfg}: strict {scores[cfg]:.3f}", flush=True)
-    return max(scores, key=lambda c: scores[c]), scores
+    scores: dict[tuple[float, float], float] = {}
+    for cfg, max_sigma in grid:
+        imgs = generate(backbone, val, sig, cfg=cfg, seed=seed + 999, cfg_max_sigma=max_sigma)
+        scores[(cfg, max_sigma)] = float(
+            scorer(imgs, [m["prompt"] for m in val], val)["strict_accuracy"].mean())
+        print(f"  validation {guidance_label(cfg, max_sigma)}: strict {scores[(cfg, max_sigma)]:.3f}",
+              flush=True)
+    best = max(scores, key=lambda c: scores[c])
+    return best, {guidance_label(*k): v for k, v in scores.items()}
 
 
 def markdown_table(rows: dict[str, dict[str, Any]]) -> str:
@@ -148,7 +158,8 @@ def _slug(name: str) -> str:
 
 
 def run_eval(*, teacher_dir: str | None, clip_dir: str | None, out_dir: str, n_captions: int = 1002,
-             cfg_scale: float | None = None, threads: int = 2, seed: int = 0,
+             cfg_scale: float | None = None, cfg_max_sigma: float | None = None, threads: int = 2,
+             seed: int = 0,
              n_diversity_prompts: int = 60, lora_rows: dict[str, list[str]] | None = None,
              teacher_rows: bool = True, recompute: bool = False) -> dict[str, Any]:
     """Write ``results.md``, ``results.json`` and ``grid.png`` under ``out_dir``; returns the results.
@@ -156,8 +167,11 @@ def run_eval(*, teacher_dir: str | None, clip_dir: str | None, out_dir: str, n_c
     ``lora_rows`` maps a label to LoRA files merged into the teacher in order (cold start first, then RL);
     each gives the row ``"<label>, 4 NFE CPS η=0.9"``: no CFG, the 4-step CPS sampler the generator was
     trained with.
-    Rows already in ``out_dir/results.json`` with the same teacher, captions, seed and CFG (and LoRA files of
-    the same size and mtime) are reused, so adding a model's row re-runs only that row.
+    The teacher rows use ``cfg_scale`` on steps at ``sigma <= cfg_max_sigma``; both default to the best
+    setting of ``DEFAULT_CFG_GRID`` on train-prompt validation captions. When that is a limited interval, the
+    row "teacher 50 NFE Euler, CFG <scale>" (guidance on every step) is added for reference.
+    Rows already in ``out_dir/results.json`` with the same teacher, captions, seed and guidance (and LoRA
+    files of the same size and mtime) are reused, so adding a model's row re-runs only that row.
     """
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
@@ -171,9 +185,12 @@ def run_eval(*, teacher_dir: str | None, clip_dir: str | None, out_dir: str, n_c
     val_scores = None
     if cfg_scale is None and not recompute and old.get("cfg") is not None:
         cfg_scale, val_scores = old["cfg"], old.get("cfg_validation")
+        cfg_max_sigma = old.get("cfg_max_sigma", 1.0)
     if cfg_scale is None:
-        cfg_scale, val_scores = pick_cfg(backbone, scorer, seed=seed)
-    print(f"cfg = {cfg_scale}", flush=True)
+        (cfg_scale, cfg_max_sigma), val_scores = pick_cfg(backbone, scorer, seed=seed)
+    cfg_max_sigma = 1.0 if cfg_max_sigma is None else float(cfg_max_sigma)
+    guided = guidance_label(cfg_scale, cfg_max_sigma)
+    print(f"teacher guidance: {guided}", flush=True)
     _, test = split_prompts(0)
     metas = balanced_eval_prompts(test, n_captions // len(TAGS), seed=seed)
     # grid: two captions of each tag (metas are grouped by tag), same columns in every band
@@ -182,21 +199,25 @@ def run_eval(*, teacher_dir: str | None, clip_dir: str | None, out_dir: str, n_c
     div_metas = metas[:: max(1, len(metas) // n_diversity_prompts)][:n_diversity_prompts]
     same = (not recompute and old.get("teacher") == str(teacher_dir or "shipped")
             and old.get("n_captions") == len(metas) and old.get("seed", 0) == seed
-            and old.get("cfg") == cfg_scale and old.get("n_diversity_prompts") == len(div_metas))
+            and old.get("cfg") == cfg_scale and old.get("cfg_max_sigma", 1.0) == cfg_max_sigma
+            and old.get("n_diversity_prompts") == len(div_metas))
     cached: dict[str, dict[str, Any]] = old.get("rows", {}) if same else {}
 
-    # name -> (LoRA files, sigmas, eta, cfg)
-    plan: dict[str, tuple[list[str], list[float], float, float]] = {}
+    # name -> (LoRA files, sigmas, eta, cfg, cfg_max_sigma)
+    plan: dict[str, tuple[list[str], list[float], float, float, float]] = {}
     four = backbone.sigma_schedule(FOUR_STEPS, 32)
     if teacher_rows:
-        plan[f"teacher 50 NFE Euler, CFG {cfg_scale:g}"] = ([], fifty_step_sigmas(backbone), 0.0, cfg_scale)
-        plan[f"teacher 4 NFE Euler, CFG {cfg_scale:g}"] = ([], four, 0.0, cfg_scale)
-        plan[f"teacher 4 NFE CPS η=0.9, CFG {cfg_scale:g}"] = ([], four, 0.9, cfg_scale)
+        fifty = fifty_step_sigmas(backbone)
+        plan[f"teacher 50 NFE Euler, {guided}"] = ([], fifty, 0.0, cfg_scale, cfg_max_sigma)
+        if cfg_max_sigma < 1.0:
+            plan[f"teacher 50 NFE Euler, CFG {cfg_scale:g}"] = ([], fifty, 0.0, cfg_scale, 1.0)
+        plan[f"teacher 4 NFE Euler, {guided}"] = ([], four, 0.0, cfg_scale, cfg_max_sigma)
+        plan[f"teacher 4 NFE CPS η=0.9, {guided}"] = ([], four, 0.9, cfg_scale, cfg_max_sigma)
     for label, paths in (lora_rows or {}).items():
         for p in paths:
             if not Path(p).is_file():
                 raise FileNotFoundError(f"--lora {label}: no LoRA file at {p} (train it or fix the path)")
-        plan[f"{label}, 4 NFE CPS η=0.9"] = (list(paths), four, 0.9, 1.0)
+        plan[f"{label}, 4 NFE CPS η=0.9"] = (list(paths), four, 0.9, 1.0, 1.0)
 
     def fingerprint(paths: list[str]) -> list[list[Any]]:
         return [[str(p), Path(p).stat().st_size, int(Path(p).stat().st_mtime)] for p in paths]
@@ -209,7 +230,7 @@ def run_eval(*, teacher_dir: str | None, clip_dir: str | None, out_dir: str, n_c
     rows["ground-truth renders"] = score_images(gt, metas, scorer)
     images["ground-truth renders"] = gt[cols]
     full: dict[str, torch.Tensor] = {"ground-truth renders": gt}
-    for name, (paths, sig, eta, cfg) in plan.items():
+    for name, (paths, sig, eta, cfg, max_sigma) in plan.items():
         grid_file = out / "rows" / f"{_slug(name)}.pt"
         hit = cached.get(name)
         if hit is not None and hit.get("lora") == fingerprint(paths) and grid_file.is_file():
@@ -224,9 +245,10 @@ def run_eval(*, teacher_dir: str | None, clip_dir: str | None, out_dir: str, n_c
 
             model = ShapesBackbone.from_pretrained(teacher_dir)
             merge_lora_files(model.transformer, paths)
-        imgs = generate(model, metas, sig, cfg=cfg, eta=eta, seed=seed)
+        imgs = generate(model, metas, sig, cfg=cfg, eta=eta, seed=seed, cfg_max_sigma=max_sigma)
         rows[name] = score_images(imgs, metas, scorer)
-        rows[name]["diversity"] = diversity(model, div_metas, sig, cfg=cfg, eta=eta, scorer=scorer)
+        rows[name]["diversity"] = diversity(model, div_metas, sig, cfg=cfg, eta=eta, scorer=scorer,
+                                            cfg_max_sigma=max_sigma)
         rows[name]["seconds"] = round(time.time() - t, 1)
         rows[name]["lora"] = fingerprint(paths)
         images[name] = imgs[cols]
@@ -247,11 +269,12 @@ def run_eval(*, teacher_dir: str | None, clip_dir: str | None, out_dir: str, n_c
         print(f"no tiny CLIP at {clip_path}: the tiny-CLIP column stays empty", flush=True)
     table = markdown_table(rows)
     info = {"teacher": str(teacher_dir or "shipped"), "teacher_meta": backbone.meta.get("step"),
-            "cfg": cfg_scale, "cfg_validation": val_scores, "n_captions": len(metas), "seed": seed,
+            "cfg": cfg_scale, "cfg_max_sigma": cfg_max_sigma, "cfg_validation": val_scores,
+            "n_captions": len(metas), "seed": seed,
             "n_diversity_prompts": len(div_metas), "wall_s": round(time.time() - t0, 1), "rows": rows}
     (out / "results.json").write_text(json.dumps(info, indent=2))
     header = (f"ShapeWorld results: {len(metas)} test captions ({len(metas) // len(TAGS)} per tag), "
-              f"fixed seeds, CFG {cfg_scale:g} picked on train-prompt validation "
+              f"fixed seeds, teacher guidance {guided} picked on train-prompt validation "
               f"{val_scores}. Strict ± 1 s.e.\n\n")
     (out / "results.md").write_text(header + table + "\n")
     save_grid(out / "grid.png", images)

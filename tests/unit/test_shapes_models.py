@@ -119,6 +119,34 @@ def test_tiny_clip_loads_through_clipscore():
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 
+def test_guidance_interval_guides_only_the_steps_below_its_sigma(tmp_path):
+    """``sample(guidance_max_sigma=m)``: CFG on the steps starting at sigma <= m only. m = 1 is plain CFG,
+    m = 0 no CFG at all (bit-exact), and m in between equals running the two pieces by hand."""
+    from rtdmd_ray.shapes.train_teacher import TeacherTrainConfig, build_transformer, save_pretrained_dir
+
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    transformer = build_transformer(TeacherTrainConfig(out=str(tmp_path), num_layers=1))
+    save_pretrained_dir(tmp_path / "t", transformer, build_text_encoder(tok), tok, {"step": 0})
+    bb = ShapesBackbone.from_pretrained(tmp_path / "t")
+    prompts = ["a photo of a red circle", "an image of two squares"]
+    sig = bb.sigma_schedule((1000, 750, 500, 250), 32)  # 1, 0.9, 0.75, 0.5, 0
+    z = torch.randn(2, 12, 16, 16, generator=torch.Generator().manual_seed(1))
+
+    def run(**kw):
+        return sample(bb, prompts, sig, latents=z.clone(), **kw)
+
+    torch.testing.assert_close(run(guidance=4.0, guidance_max_sigma=1.0), run(guidance=4.0), rtol=0, atol=0)
+    torch.testing.assert_close(run(guidance=4.0, guidance_max_sigma=0.0), run(guidance=1.0), rtol=0, atol=0)
+    # by hand: unguided Euler steps from 1 and 0.9, guided steps from 0.75 and 0.5
+    cond, x = bb.encode_prompts(prompts), z.clone()
+    for s, s_next in zip(sig[:-1], sig[1:], strict=True):
+        x = x + (s_next - s) * bb.velocity(x, torch.full((2,), s), cond, guidance=4.0 if s <= 0.8 else 1.0)
+    interval = run(guidance=4.0, guidance_max_sigma=0.8)
+    torch.testing.assert_close(interval, bb.decode(x), rtol=1e-5, atol=1e-5)
+    assert (interval - run(guidance=4.0)).abs().max() > 1e-3
+
+
 @needs_teacher
 def test_shapes_eval_lora_rows_and_reuse(tmp_path):
     """`rtdmd-ray shapes eval --lora`: a LoRA row is the teacher with the file merged; re-running reuses it,
