@@ -144,7 +144,11 @@ def train(
             m["timing/update_s"] = time.perf_counter() - t0
             version = epoch + 1
             # ---------------------------------------------------------------- SYNC WEIGHTS
-            m |= sync_weights(learners, samplers, version)
+            if samplers.restarted_since_sync():  # died idle, e.g. during the update: re-form the group
+                m |= connect_weight_sync(cfg, learners, samplers, version)
+            else:
+                m |= sync_weights(learners, samplers, version)
+            m["rollout/sampler_restarts"] = float(samplers.restarts_seen)  # including any seen just now
             if not g.max_policy_lag and epoch + 1 < t.iterations:  # on-policy: sample with the new weights
                 in_flight = sample(epoch + 1, version)
             # ---------------------------------------------------------------- LOG / CHECKPOINT

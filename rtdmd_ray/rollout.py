@@ -424,26 +424,14 @@ class SamplerGroup:
         no weights, so ``resync(version)`` first brings every sampler to the job's policy version (it
         re-forms the weight-sync group). The same prompts and seeds give the same trajectories bit for bit.
         """
-        import ray
 
         if self.max_restarts == 0:
             raise RuntimeError(
                 f"sampler {job.sampler} died while sampling {job.key} and resources.sampler.max_restarts is "
                 "0: set it (e.g. 3) so Ray restarts samplers and the epoch goes on"
             )
-        actor, deadline = self.group[job.sampler], time.monotonic() + self.timeout_s
-        while True:  # calls fail fast while Ray has not noticed the death yet; then they wait for the restart
-            try:
-                left = max(1.0, deadline - time.monotonic())
-                version = ray.get(actor.policy_version.remote(), timeout=left)
-                break
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"sampler {job.sampler} did not come back within {self.timeout_s} s after dying "
-                        f"(max_restarts={self.max_restarts} used up?): {e}"
-                    ) from e
-                time.sleep(0.2)
+        actor = self.group[job.sampler]
+        version = self._version_after_restart(job.sampler)
         want = job.prompts.policy_version
         if version != want:
             self.restarts_seen += 1
@@ -451,6 +439,31 @@ class SamplerGroup:
         refs = actor.sample_with_stats.options(num_returns=3).remote(job.prompts, job.train_steps)
         job.rollout_ref, job.request_ref, job.stats_ref = refs
         return job
+
+    def _version_after_restart(self, index: int) -> int:
+        """Sampler ``index``'s policy version, waiting while Ray restarts it (calls on a dead actor fail fast
+        until Ray notices the death, then wait for the restart); -1 means restarted, holding no weights."""
+        import ray
+
+        actor, deadline = self.group[index], time.monotonic() + self.timeout_s
+        while True:
+            try:
+                return ray.get(actor.policy_version.remote(), timeout=max(1.0, deadline - time.monotonic()))
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+                if self.max_restarts == 0 or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"sampler {index} died and did not come back within {self.timeout_s} s "
+                        f"(resources.sampler.max_restarts={self.max_restarts}: set it, e.g. 3, or it was "
+                        f"used up): {e}"
+                    ) from e
+                time.sleep(0.2)
+
+    def restarted_since_sync(self) -> bool:
+        """Whether Ray restarted a sampler that died *between* calls (e.g. during the learner update): it
+        holds no weights, so the next sync must re-form the group (``driver.connect_weight_sync``)."""
+        fresh = [i for i in range(len(self)) if self._version_after_restart(i) < 0]
+        self.restarts_seen += len(fresh)
+        return bool(fresh)
 
     def epoch_stats(self, jobs: Sequence[RolloutJob]) -> dict[str, float]:
         """Per sampler: images per busy second and busy seconds of ``jobs`` (finished calls: no waiting)."""

@@ -1,12 +1,14 @@
 """RL fault tolerance end to end through the driver on local CPU Ray (tiny SD3, brightness reward).
 
-One 3-epoch run with 2 samplers, 1 reward worker and 1 learner rank; the epoch callbacks arm two faults:
+One 4-epoch run with 2 samplers, 1 reward worker and 1 learner rank; the epoch callbacks arm three faults:
 
 * after epoch 0, reward worker 0 is told to return NaN for the next sample: epoch 1 must quarantine exactly
   that sample (advantage 0, counted in ``reward/total/quarantined``, one warning), never average it in;
 * after epoch 0, sampler 0 is told to kill its process in its next call (epoch 2's; epoch 1's calls were
   queued before): Ray restarts it (``max_restarts``), the driver re-syncs it to the current policy and samples
-  the lost call again, and epoch 2 trains on every prompt group exactly once.
+  the lost call again, and epoch 2 trains on every prompt group exactly once;
+* after epoch 2, sampler 1 is killed once its epoch-3 call is done, i.e. it dies idle during the update: epoch
+  3's sync sees the restart and re-forms the weight-sync group instead of failing.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from rtdmd_ray.config import load_config
 pytestmark = pytest.mark.ray
 
 TINY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "debug" / "tiny_sd3.yaml"
-EPOCHS = 3
+EPOCHS = 4
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +57,11 @@ def run(ray_local, tmp_path_factory):
         if epoch == 0:
             ray.get(rewards.group[0].poison.remote("brightness", 1))
             ray.get(samplers.group[0].crash_on_next_sample.remote())
+        if epoch == 2:
+            # sampler 1 dies idle: after its epoch-3 call (queued before this callback) and before epoch 3's
+            # sync; Ray restarts it holding no weights
+            ray.get(samplers.group[1].policy_version.remote())
+            ray.kill(samplers.group[1], no_restart=False)
         if epoch == EPOCHS - 1:
             seen["learner_lora"] = learners.call("lora", "generator")[0]
             seen["sampler_loras"] = samplers.call("lora")
@@ -68,13 +75,22 @@ def run(ray_local, tmp_path_factory):
 
 def test_nan_reward_is_quarantined_counted_and_warned(run):
     metrics = run["result"]["metrics"]
-    assert [m["reward/total/quarantined"] for m in metrics] == [0.0, 1.0, 0.0]
+    assert [m["reward/total/quarantined"] for m in metrics] == [0.0, 1.0, 0.0, 0.0]
     assert len(run["seen"]["warnings"]) == 1 and run["seen"]["warnings"][0].startswith("epoch 1: 1/8")
     prompts, adv = run["seen"]["advantages"][1]
     assert int((adv == 0).sum()) == 1  # the quarantined sample, and only it, gets advantage exactly 0
     for key in ("reward/total/mean", "reward/brightness/mean", "learner/ppo/loss",
                 "learner/generator/grad_norm"):
         assert math.isfinite(metrics[1][key]), key  # nothing NaN leaked into the statistics or the update
+
+
+def test_sampler_that_died_idle_is_resynced_at_the_next_sync(run):
+    """Sampler 1 killed between its epoch-3 call and epoch 3's weight sync: the sync re-forms the group and
+    the restarted sampler ends at the learner's weights (checked bit for bit in the test below)."""
+    m = run["result"]["metrics"]
+    assert m[3]["rollout/sampler_restarts"] == 2  # counters are per run
+    assert m[3]["rollout/resubmitted"] == m[2]["rollout/resubmitted"] == 1  # its call was not sampled again
+    assert m[3]["rollout/images"] == 8 and m[3]["sync/version"] == EPOCHS
 
 
 def test_killed_sampler_is_restarted_resynced_and_the_epoch_completes(run):
