@@ -473,7 +473,7 @@ class SamplerGroup:
         for st in ray.get([j.stats_ref for j in jobs]):
             per[int(st["sampler"])][0] += st["images"]
             per[int(st["sampler"])][1] += st["seconds"]
-        out = {"rollout/sampler_restarts": float(self.restarts_seen)}
+        out: dict[str, float] = {}  # rollout/sampler_restarts is recorded by the driver after the sync
         for i, (images, seconds) in per.items():
             out[f"rollout/sampler_{i}/images_per_s"] = images / max(seconds, 1e-9)
             out[f"rollout/sampler_{i}/busy_s"] = seconds
