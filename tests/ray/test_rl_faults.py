@@ -16,16 +16,14 @@ from __future__ import annotations
 import math
 import warnings
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
 
-from rtdmd_ray.config import load_config
+from tests.ray.tiny import tiny_rl_config
 
 pytestmark = pytest.mark.ray
 
-TINY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "debug" / "tiny_sd3.yaml"
 EPOCHS = 4
 
 
@@ -36,18 +34,10 @@ def run(ray_local, tmp_path_factory):
     from rtdmd_ray.driver import train
 
     out = tmp_path_factory.mktemp("rl_faults")
-    cfg = load_config(
-        TINY_CONFIG,
-        [
-            f"train.iterations={EPOCHS}",
-            f"train.output_dir={out}",
-            "resources.sampler.count=2",
-            "resources.sampler.max_restarts=1",
-            "resources.reward_worker.count=1",
-            "resources.learner.count=1",
-            "grpo.sample_batches_per_epoch=1",  # 2 prompts x 4 images: one call of 4 per sampler per epoch
-            "logging.stdout=false",
-        ],
+    # 2 prompts x 4 images per epoch: one call of 4 per sampler
+    cfg = tiny_rl_config(
+        out, EPOCHS, "resources.sampler.count=2", "resources.sampler.max_restarts=1",
+        "resources.reward_worker.count=1", "resources.learner.count=1",
     )
     seen: dict = {}
 

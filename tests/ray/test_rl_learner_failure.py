@@ -15,20 +15,18 @@ from pathlib import Path
 
 import pytest
 
-from rtdmd_ray.config import load_config
+from tests.ray.tiny import TINY_CONFIG, tiny_rl_config
 
-TINY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "debug" / "tiny_sd3.yaml"
 EPOCHS = 2
 CRASH_EPOCH = 1
 DETECT_S = 60.0  # the surviving rank's gloo timeout is 300 s: a hang shows up as a much longer wait
 
 
 def config(out: Path):
-    return load_config(TINY_CONFIG, [
-        f"train.iterations={EPOCHS}", f"train.output_dir={out}", "train.resume=auto",
-        "resources.reward_worker.count=1", "grpo.sample_batches_per_epoch=1",
-        "grpo.micro_batch_images_per_rank=2", "logging.stdout=false",
-    ])
+    return tiny_rl_config(
+        out, EPOCHS, "train.resume=auto", "resources.reward_worker.count=1",
+        "grpo.micro_batch_images_per_rank=2",
+    )
 
 
 @pytest.mark.ray

@@ -15,11 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from rtdmd_ray.config import load_config
+from tests.ray.tiny import tiny_rl_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]  # three RL jobs: ~2-5 min on 2 busy cores
 
-TINY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "debug" / "tiny_sd3.yaml"
 N = 2
 # wall-clock and throughput numbers differ between runs; everything else must be identical
 VOLATILE = ("timing/", "_per_s", "busy_s", "idle_frac", "queue_depth", "sync/seconds")
@@ -30,13 +29,10 @@ class Killed(Exception):
 
 
 def config(out: Path, resume: str, lag: int):
-    return load_config(TINY_CONFIG, [
-        f"grpo.max_policy_lag={lag}",
-        f"train.iterations={2 * N}", f"train.output_dir={out}", f"train.resume={resume}",
-        "resources.reward_worker.count=1", "grpo.sample_batches_per_epoch=1",
-        "grpo.micro_batch_images_per_rank=2",
-        "solver.generator.lr=5.0e-2", "logging.stdout=false",
-    ])
+    return tiny_rl_config(
+        out, 2 * N, f"grpo.max_policy_lag={lag}", f"train.resume={resume}", "resources.reward_worker.count=1",
+        "grpo.micro_batch_images_per_rank=2", "solver.generator.lr=5.0e-2",
+    )
 
 
 def stable(metrics: dict) -> dict:

@@ -6,16 +6,14 @@ noise."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from rtdmd_ray.config import load_config
+from tests.ray.tiny import tiny_rl_config
 
 pytestmark = pytest.mark.ray
 
-TINY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "debug" / "tiny_sd3.yaml"
 EPOCHS = 8
 
 
@@ -27,22 +25,12 @@ def run(ray_local, tmp_path_factory):
     from rtdmd_ray.rollout import epoch_prompt_jobs, epoch_train_steps
 
     out = tmp_path_factory.mktemp("rl_run")
-    cfg = load_config(
-        TINY_CONFIG,
-        [
-            f"train.iterations={EPOCHS}",
-            f"train.output_dir={out}",
-            "resources.sampler.count=2",
-            # 2 prompts x 4 images = 8 samples/epoch: 4 per learner rank, 2 micro-batches of 2, one optimiser
-            # step
-            "grpo.sample_batches_per_epoch=1",
-            "grpo.micro_batch_images_per_rank=2",
-            # the tiny random VAE barely moves brightness: a large LR and BP weight make the rise visible
-            # quickly
-            "solver.generator.lr=5.0e-2",
-            "last_step_loss.bp.grad_scale=10.0",
-            "logging.stdout=false",
-        ],
+    cfg = tiny_rl_config(
+        out, EPOCHS, "resources.sampler.count=2",
+        # 2 prompts x 4 images = 8 samples/epoch: 4 per learner rank, 2 micro-batches of 2, one optimiser step
+        "grpo.micro_batch_images_per_rank=2",
+        # the tiny random VAE barely moves brightness: a large LR and BP weight make the rise visible quickly
+        "solver.generator.lr=5.0e-2", "last_step_loss.bp.grad_scale=10.0",
     )
     seen: dict = {"sync": [], "advantages": [], "noise": None}
 
