@@ -133,3 +133,59 @@ def finalize(ckpt_tmp: Path, iteration: int, meta: dict[str, Any], keep_last: in
 
 def read_meta(ckpt: str | Path) -> dict[str, Any]:
     return json.loads((Path(ckpt) / META).read_text())
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def base_fingerprint(model: Any) -> dict[str, Any]:
+    """What a checkpoint's adapters are deltas on (``meta.json["base"]``), keyed by config path.
+
+    The backbone, each trainable role's LoRA rank and alpha, and each adapter loaded before training by the
+    sha256 of its file (content, not path: a moved file still matches, a retrained one does not). The base
+    weights are named by ``model.pretrained_path`` only: hashing a multi-GB model each start costs too much.
+    """
+    fp: dict[str, Any] = {"model.backbone": model.backbone, "model.pretrained_path": model.pretrained_path}
+    for role in ("generator_lora", "fake_score_lora"):
+        lc = getattr(model, role)
+        fp[f"model.{role}"] = f"rank {lc.rank}, alpha {lc.alpha}" if lc.enabled else "full weights"
+        path = Path(lc.load_path).expanduser() if lc.load_path else None
+        if path is not None and path.is_file():
+            fp[f"model.{role}.load_path"] = f"sha256 {_sha256(path)}"
+        elif lc.load_path:
+            fp[f"model.{role}.load_path"] = lc.load_path  # a hub id or directory: named, not hashed
+    return fp
+
+
+def check_resume_base(checkpoint: Path | None, current: dict[str, Any]) -> list[str]:
+    """Refuse to resume ``checkpoint`` onto a different base: its adapters would be applied to weights they
+    were not trained on, silently. Raises ``ConfigError`` naming the keys that differ and the fix; returns
+    warnings (a different ``model.pretrained_path`` may be the same weights moved, so it only warns).
+    Checkpoints written before the fingerprint existed are not checked."""
+    from rtdmd_ray.config import ConfigError
+
+    if checkpoint is None:
+        return []
+    saved = read_meta(checkpoint).get("base")
+    if not saved:
+        return []
+    diff = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    soft = [k for k in diff if k == "model.pretrained_path"]
+    hard = [k for k in diff if k not in soft]
+    if hard:
+        what = "; ".join(f"{k}: checkpoint {saved.get(k, 'unset')!r}, config {current.get(k, 'unset')!r}"
+                         for k in hard)
+        raise ConfigError(
+            f"train.resume: {checkpoint} was trained on a different base ({what}); resuming would apply its "
+            "adapters to weights they were not trained on. Fix: a new train.output_dir for the new run (or "
+            "move the old run away), or the original files back"
+        )
+    return [f"train.resume: {checkpoint} was trained from model.pretrained_path={saved.get(k)!r}, the config "
+            f"says {current.get(k)!r}; resuming, assuming the same weights moved" for k in soft]

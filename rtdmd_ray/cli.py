@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         print(dump_yaml(_load(args)), end="")
         return 0
     if args.verb == "cold-start":
+        from rtdmd_ray.config import ConfigError
         from rtdmd_ray.learner import LearnerFailure, run_cold_start
 
         try:
@@ -91,10 +92,14 @@ def main(argv: list[str] | None = None) -> int:
         except LearnerFailure as e:  # a dead rank: the message says how to resume; no traceback
             print(f"cold-start: {e}", file=sys.stderr)
             return 3
+        except ConfigError as e:  # e.g. resuming a checkpoint of a different base
+            print(f"cold-start: {e}", file=sys.stderr)
+            return 2
         print(f"cold-start: iteration {result['iteration']}, checkpoint {result['checkpoint']}, "
               f"generator LoRA {result['final_lora']}")
         return 0
     if args.verb == "train":
+        from rtdmd_ray.config import ConfigError
         from rtdmd_ray.driver import train
         from rtdmd_ray.learner import LearnerFailure
 
@@ -103,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         except LearnerFailure as e:  # a dead rank: the message says how to resume; no traceback
             print(f"train: {e}", file=sys.stderr)
             return 3
+        except ConfigError as e:  # e.g. resuming a checkpoint of a different base
+            print(f"train: {e}", file=sys.stderr)
+            return 2
         print(f"done: {result['epochs']} epochs, policy version {result['policy_version']}, "
               f"{result['output_dir']}")
         return 0

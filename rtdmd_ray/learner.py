@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -78,6 +79,8 @@ class Learner:
             rewards,
         )
         self.parallelism, self.rank, self.world_size = parallelism, rank, world_size
+        # hashed now, when the adapters are loaded, not at save time (a file replaced mid-run must not match)
+        self.base = ckpt.base_fingerprint(model) if rank == 0 else {}
         self.state: Any = None
         self.iteration_fn: Any = None
         self.eval_hook: Any = None
@@ -212,6 +215,7 @@ class Learner:
                 "seed": self.train.seed,
                 "fake_updates": s.optimizers["fake_score"].steps,
                 "generator_updates": s.optimizers["generator"].steps,
+                "base": self.base,
                 **self.checkpoint_meta(),
             }
             ckpt.finalize(tmp, it, meta, keep_last)
@@ -472,6 +476,8 @@ def run_cold_start(cfg: Config, *, ray_address: str | None = None) -> dict[str, 
     t, out = cfg.train, resolve_path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     resume_from = ckpt.resolve_resume(t.resume, out)
+    for warning in ckpt.check_resume_base(resume_from, ckpt.base_fingerprint(cfg.model)):
+        print(warning, file=sys.stderr)
     (out / "config.yaml").write_text(dump_yaml(cfg, comments=False))
     if not ray.is_initialized():
         address = ray_address or os.environ.get("RAY_ADDRESS") or "local"

@@ -48,6 +48,39 @@ def test_finalize_rotation_latest_and_incomplete_dirs(tmp_path):
     assert ckpt.latest_checkpoint(tmp_path) == latest
 
 
+
+def test_resume_refuses_a_checkpoint_of_a_different_base(tmp_path):
+    from rtdmd_ray.config import ConfigError, apply_overrides, load_config
+
+    lora = tmp_path / "acdmd.safetensors"
+    lora.write_bytes(b"adapter v1")
+    cfg = load_config("configs/debug/tiny_sd3.yaml", [f"model.generator_lora.load_path={lora}"])
+    base = ckpt.base_fingerprint(cfg.model)
+    tmp = ckpt.tmp_dir(tmp_path / "run", 10)
+    ckpt.save_rank_part(tmp, 0, {"w": torch.zeros(2)}, {"step": 10})
+    saved = ckpt.finalize(tmp, 10, {"world_size": 1, "base": base}, 2)
+    assert ckpt.check_resume_base(saved, base) == [] and ckpt.check_resume_base(None, base) == []
+    # the same adapter moved elsewhere is the same base (hashed by content)
+    moved = tmp_path / "moved.safetensors"
+    moved.write_bytes(lora.read_bytes())
+    same = ckpt.base_fingerprint(apply_overrides(cfg, [f"model.generator_lora.load_path={moved}"]).model)
+    assert ckpt.check_resume_base(saved, same) == []
+    # a retrained adapter at the same path is not: the error names the key and the fix
+    lora.write_bytes(b"adapter v2")
+    changed = r"model\.generator_lora\.load_path: checkpoint 'sha256 .*new train\.output_dir"
+    with pytest.raises(ConfigError, match=changed):
+        ckpt.check_resume_base(saved, ckpt.base_fingerprint(cfg.model))
+    lora.write_bytes(b"adapter v1")
+    with pytest.raises(ConfigError, match=r"model\.fake_score_lora: checkpoint 'rank \d+, alpha"):
+        rank2 = apply_overrides(cfg, ["model.fake_score_lora.rank=2"])
+        ckpt.check_resume_base(saved, ckpt.base_fingerprint(rank2.model))
+    # another pretrained_path may be the same weights moved: a warning, not an error
+    warns = ckpt.check_resume_base(saved, {**base, "model.pretrained_path": "/elsewhere"})
+    assert len(warns) == 1 and "model.pretrained_path" in warns[0] and "/elsewhere" in warns[0]
+    # checkpoints written before the fingerprint existed are not checked
+    old = _save(tmp_path / "old", 5)
+    assert ckpt.check_resume_base(old, {}) == []
+
 def test_metrics_logger_jsonl_and_offline_wandb(tmp_path, monkeypatch):
     from rtdmd_ray.logging_utils import MetricsLogger
 
