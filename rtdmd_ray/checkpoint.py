@@ -157,6 +157,10 @@ def base_fingerprint(model: Any) -> dict[str, Any]:
         lc = getattr(model, role)
         fp[f"model.{role}"] = f"rank {lc.rank}, alpha {lc.alpha}" if lc.enabled else "full weights"
         path = Path(lc.load_path).expanduser() if lc.load_path else None
+        if path is not None and not path.is_file():  # relative to the repository, as configs' paths are
+            from rtdmd_ray.config import resolve_path
+
+            path = resolve_path(lc.load_path)
         if path is not None and path.is_file():
             fp[f"model.{role}.load_path"] = f"sha256 {_sha256(path)}"
         elif lc.load_path:
