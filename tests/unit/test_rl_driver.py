@@ -13,14 +13,21 @@ from rtdmd_ray.driver import check_rl_config
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
-def test_train_refuses_another_stage_before_starting_ray(monkeypatch):
+def test_train_refuses_another_stage_before_starting_ray(monkeypatch, capsys):
     import ray
 
     from rtdmd_ray.cli import main
+    from rtdmd_ray.driver import train
 
     monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("ray.init must not run for a bad config"))
+    cfg = load_config(CONFIGS / "debug" / "tiny_sd3.yaml", ["stage=cold_start"])
     with pytest.raises(ConfigError, match="stage: rtdmd"):
-        main(["train", str(CONFIGS / "debug" / "tiny_sd3.yaml"), "stage=cold_start"])
+        train(cfg)
+    # the CLI prints it as one line (no traceback) and exits 2, like any config error
+    assert main(["train", str(CONFIGS / "debug" / "tiny_sd3.yaml"), "stage=cold_start"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("train: stage='cold_start'") and "set stage: rtdmd" in err
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize("name", ["debug/tiny_sd3.yaml", "rtdmd/shapes.yaml", "rtdmd/sd35m.yaml"])
