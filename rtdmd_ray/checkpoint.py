@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -69,20 +70,28 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return ckpts[-1][1] if ckpts else None
 
 
-def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
-    """``train.resume`` -> the checkpoint to load: ``auto`` (newest complete or None), ``never`` or a path."""
+def resolve_resume(resume: str, output_dir: str | Path, base: dict[str, Any] | None = None) -> Path | None:
+    """``train.resume`` -> the checkpoint to load: ``auto`` (newest complete or None), ``never`` or a path.
+
+    With ``base`` (this run's ``base_fingerprint``), a checkpoint of a different base is refused
+    (``check_resume_base``) and its warnings go to stderr.
+    """
     if resume == "never":
         return None
     if resume == "auto":
-        return latest_checkpoint(output_dir)
-    p = Path(resume)
-    if not is_complete(p):
-        raise FileNotFoundError(
-            f"train.resume={resume!r} is not a complete checkpoint directory (no {META} with complete: "
-            "true); "
-            "use auto, never, or a checkpoint-<iteration> directory"
-        )
-    return p
+        found = latest_checkpoint(output_dir)
+    else:
+        found = Path(resume)
+        if not is_complete(found):
+            raise FileNotFoundError(
+                f"train.resume={resume!r} is not a complete checkpoint directory (no {META} with complete: "
+                "true); "
+                "use auto, never, or a checkpoint-<iteration> directory"
+            )
+    if base is not None:
+        for warning in check_resume_base(found, base):
+            print(warning, file=sys.stderr)
+    return found
 
 
 def write_atomic_bytes(path: Path, data: bytes) -> None:

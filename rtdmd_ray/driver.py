@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -76,9 +75,7 @@ def train(
     g, t = cfg.grpo, cfg.train
     out = resolve_path(t.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    resume_from = ckpt.resolve_resume(t.resume, out)
-    for warning in ckpt.check_resume_base(resume_from, ckpt.base_fingerprint(cfg.model)):
-        print(warning, file=sys.stderr)
+    resume_from = ckpt.resolve_resume(t.resume, out, base=ckpt.base_fingerprint(cfg.model))
     (out / "config.yaml").write_text(dump_yaml(cfg, comments=False))
     _init_ray(cfg, ray_address)
     records = training_prompt_records(cfg.data)

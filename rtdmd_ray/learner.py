@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -475,9 +474,7 @@ def run_cold_start(cfg: Config, *, ray_address: str | None = None) -> dict[str, 
     check_cold_start_config(cfg)
     t, out = cfg.train, resolve_path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    resume_from = ckpt.resolve_resume(t.resume, out)
-    for warning in ckpt.check_resume_base(resume_from, ckpt.base_fingerprint(cfg.model)):
-        print(warning, file=sys.stderr)
+    resume_from = ckpt.resolve_resume(t.resume, out, base=ckpt.base_fingerprint(cfg.model))
     (out / "config.yaml").write_text(dump_yaml(cfg, comments=False))
     if not ray.is_initialized():
         address = ray_address or os.environ.get("RAY_ADDRESS") or "local"

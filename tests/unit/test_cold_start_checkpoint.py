@@ -70,6 +70,9 @@ def test_resume_refuses_a_checkpoint_of_a_different_base(tmp_path):
     changed = r"model\.generator_lora\.load_path: checkpoint 'sha256 .*new train\.output_dir"
     with pytest.raises(ConfigError, match=changed):
         ckpt.check_resume_base(saved, ckpt.base_fingerprint(cfg.model))
+    with pytest.raises(ConfigError, match=changed):  # what the stages call: resolve + check in one
+        ckpt.resolve_resume("auto", tmp_path / "run", base=ckpt.base_fingerprint(cfg.model))
+    assert ckpt.resolve_resume("auto", tmp_path / "run", base=base) == saved
     lora.write_bytes(b"adapter v1")
     with pytest.raises(ConfigError, match=r"model\.fake_score_lora: checkpoint 'rank \d+, alpha"):
         rank2 = apply_overrides(cfg, ["model.fake_score_lora.rank=2"])
