@@ -161,15 +161,13 @@ def base_fingerprint(model: Any) -> dict[str, Any]:
     sha256 of its file (content, not path: a moved file still matches, a retrained one does not). The base
     weights are named by ``model.pretrained_path`` only: hashing a multi-GB model each start costs too much.
     """
+    from rtdmd_ray.config import resolve_path
+
     fp: dict[str, Any] = {"model.backbone": model.backbone, "model.pretrained_path": model.pretrained_path}
     for role in ("generator_lora", "fake_score_lora"):
         lc = getattr(model, role)
         fp[f"model.{role}"] = f"rank {lc.rank}, alpha {lc.alpha}" if lc.enabled else "full weights"
-        path = Path(lc.load_path).expanduser() if lc.load_path else None
-        if path is not None and not path.is_file():  # relative to the repository, as configs' paths are
-            from rtdmd_ray.config import resolve_path
-
-            path = resolve_path(lc.load_path)
+        path = resolve_path(lc.load_path) if lc.load_path else None  # the file the learner loads
         if path is not None and path.is_file():
             fp[f"model.{role}.load_path"] = f"sha256 {_sha256(path)}"
         elif lc.load_path:

@@ -34,7 +34,15 @@ from torch import nn
 
 from rtdmd_ray.algorithms.ema import EMA, rl_ema_decay
 from rtdmd_ray.algorithms.schedules import warmup_constant_lr
-from rtdmd_ray.config import EMAConfig, LoRAConfig, ModelConfig, SolverConfig, SolversConfig, TrainConfig
+from rtdmd_ray.config import (
+    EMAConfig,
+    LoRAConfig,
+    ModelConfig,
+    SolverConfig,
+    SolversConfig,
+    TrainConfig,
+    resolve_path,
+)
 from rtdmd_ray.models import build_backbone
 from rtdmd_ray.models.lora import (
     add_lora,
@@ -263,8 +271,8 @@ class LearnerState:
                 init=lora.init,
                 seed=train.seed + 1 + i,
             )
-            if lora.load_path:
-                lf = load_lora_file(lora.load_path, rank=lora.rank, alpha=lora.alpha)
+            if lora.load_path:  # relative to the repository root, like every config path
+                lf = load_lora_file(resolve_path(lora.load_path), rank=lora.rank, alpha=lora.alpha)
                 load_lora_state(t, role, lf.tensors, strict=lora.load_strict)
         if train.trainable_param_dtype == "model":  # the reference's bf16 adapters (spec §7.1.3)
             for role in ROLES:

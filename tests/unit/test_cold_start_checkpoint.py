@@ -84,6 +84,22 @@ def test_resume_refuses_a_checkpoint_of_a_different_base(tmp_path):
     old = _save(tmp_path / "old", 5)
     assert ckpt.check_resume_base(old, {}) == []
 
+def test_base_fingerprint_resolves_a_relative_load_path_from_the_repository_root(tmp_path, monkeypatch):
+    """Config paths are relative to the repository root whatever the cwd (Ray actors' cwd differs from the
+    driver's): the fingerprint hashes the same file the learner loads."""
+    from rtdmd_ray.config import REPO_ROOT, load_config
+
+    rel = "rtdmd_ray/shapes/assets/acdmd/generator_ema.safetensors"
+    cfg = load_config(REPO_ROOT / "configs/debug/tiny_sd3.yaml", [f"model.generator_lora.load_path={rel}"])
+    from_root = ckpt.base_fingerprint(cfg.model)
+    monkeypatch.chdir(tmp_path)  # a same-named file here must not shadow the repository's
+    (tmp_path / rel).parent.mkdir(parents=True)
+    (tmp_path / rel).write_bytes(b"not the adapter")
+    elsewhere = ckpt.base_fingerprint(cfg.model)
+    assert from_root == elsewhere
+    assert from_root["model.generator_lora.load_path"].startswith("sha256 ")
+
+
 def test_metrics_logger_jsonl_and_offline_wandb(tmp_path, monkeypatch):
     from rtdmd_ray.logging_utils import MetricsLogger
 
