@@ -31,7 +31,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", required=True, help="output dir: train_metadata.jsonl, test_metadata.jsonl")
     p.add_argument("--seed", type=int, default=0)
 
-    p = sub.add_parser("eval", help="results table of a teacher on the test captions (markdown + image grid)")
+    p = sub.add_parser("eval", help="results table of the teacher and distilled LoRAs (markdown, grid)")
     p.add_argument("--teacher", default=None, help="teacher dir (default: the shipped assets/teacher)")
     p.add_argument("--clip", default=None, help="tiny CLIP dir (default: the shipped assets/clip)")
     p.add_argument("--out", required=True)
@@ -48,6 +48,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--no-teacher-rows", action="store_true", help="only the ground-truth and --lora rows")
     p.add_argument("--recompute", action="store_true",
                    help="ignore rows already in <out>/results.json (by default they are reused)")
+    p.add_argument("--split", choices=("test", "validation"), default="test",
+                   help="test: held-out captions (the results table); validation: captions of the train "
+                        "split, to pick a checkpoint or setting without looking at test")
 
     args = parser.parse_args(argv)
     if args.verb == "train-teacher":
@@ -87,7 +90,8 @@ def main(argv: list[str]) -> int:
                      n_captions=args.n_captions, cfg_scale=args.cfg,
                      cfg_max_sigma=args.cfg_max_sigma, threads=args.threads, seed=args.seed,
                      lora_rows=lora_rows,
-                     teacher_rows=not args.no_teacher_rows, recompute=args.recompute)
+                     teacher_rows=not args.no_teacher_rows, recompute=args.recompute,
+                     split=args.split)
         except FileNotFoundError as e:
             import sys
 

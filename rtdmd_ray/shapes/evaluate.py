@@ -161,8 +161,12 @@ def run_eval(*, teacher_dir: str | None, clip_dir: str | None, out_dir: str, n_c
              cfg_scale: float | None = None, cfg_max_sigma: float | None = None, threads: int = 2,
              seed: int = 0,
              n_diversity_prompts: int = 60, lora_rows: dict[str, list[str]] | None = None,
-             teacher_rows: bool = True, recompute: bool = False) -> dict[str, Any]:
+             teacher_rows: bool = True, recompute: bool = False, split: str = "test") -> dict[str, Any]:
     """Write ``results.md``, ``results.json`` and ``grid.png`` under ``out_dir``; returns the results.
+
+    ``split="test"`` scores held-out test captions (the results table); ``split="validation"`` scores captions
+    of the *train* split (the ones the cold start and RL sample from), drawn with another seed than the CFG
+    pick's, for choosing a checkpoint or a setting without looking at test.
 
     ``lora_rows`` maps a label to LoRA files merged into the teacher in order (cold start first, then RL);
     each gives the row ``"<label>, 4 NFE CPS η=0.9"``: no CFG, the 4-step CPS sampler the generator was
@@ -186,13 +190,20 @@ def run_eval(*, teacher_dir: str | None, clip_dir: str | None, out_dir: str, n_c
     if cfg_scale is None and not recompute and old.get("cfg") is not None:
         cfg_scale, val_scores = old["cfg"], old.get("cfg_validation")
         cfg_max_sigma = old.get("cfg_max_sigma", 1.0)
+    if cfg_scale is None and not teacher_rows:  # only the teacher rows use CFG: no need to pick it
+        cfg_scale, cfg_max_sigma = 1.0, 1.0
     if cfg_scale is None:
         (cfg_scale, cfg_max_sigma), val_scores = pick_cfg(backbone, scorer, seed=seed)
     cfg_max_sigma = 1.0 if cfg_max_sigma is None else float(cfg_max_sigma)
     guided = guidance_label(cfg_scale, cfg_max_sigma)
     print(f"teacher guidance: {guided}", flush=True)
-    _, test = split_prompts(0)
-    metas = balanced_eval_prompts(test, n_captions // len(TAGS), seed=seed)
+    if split not in ("test", "validation"):
+        raise ValueError(f"split={split!r}: use 'test' or 'validation'")
+    train, test = split_prompts(0)
+    if split == "test":
+        metas = balanced_eval_prompts(test, n_captions // len(TAGS), seed=seed)
+    else:  # not pick_cfg's validation draw (seed + 999), so a checkpoint is not picked on the CFG's captions
+        metas = balanced_eval_prompts(train, n_captions // len(TAGS), seed=seed + 555)
     # grid: two captions of each tag (metas are grouped by tag), same columns in every band
     per_tag = len(metas) // len(TAGS)
     cols = [t * per_tag + j for t in range(len(TAGS)) for j in range(2)]
@@ -200,7 +211,7 @@ def run_eval(*, teacher_dir: str | None, clip_dir: str | None, out_dir: str, n_c
     same = (not recompute and old.get("teacher") == str(teacher_dir or "shipped")
             and old.get("n_captions") == len(metas) and old.get("seed", 0) == seed
             and old.get("cfg") == cfg_scale and old.get("cfg_max_sigma", 1.0) == cfg_max_sigma
-            and old.get("n_diversity_prompts") == len(div_metas))
+            and old.get("n_diversity_prompts") == len(div_metas) and old.get("split", "test") == split)
     cached: dict[str, dict[str, Any]] = old.get("rows", {}) if same else {}
 
     # name -> (LoRA files, sigmas, eta, cfg, cfg_max_sigma)
@@ -270,10 +281,11 @@ def run_eval(*, teacher_dir: str | None, clip_dir: str | None, out_dir: str, n_c
     table = markdown_table(rows)
     info = {"teacher": str(teacher_dir or "shipped"), "teacher_meta": backbone.meta.get("step"),
             "cfg": cfg_scale, "cfg_max_sigma": cfg_max_sigma, "cfg_validation": val_scores,
-            "n_captions": len(metas), "seed": seed,
+            "n_captions": len(metas), "seed": seed, "split": split,
             "n_diversity_prompts": len(div_metas), "wall_s": round(time.time() - t0, 1), "rows": rows}
     (out / "results.json").write_text(json.dumps(info, indent=2))
-    header = (f"ShapeWorld results: {len(metas)} test captions ({len(metas) // len(TAGS)} per tag), "
+    which = "test captions" if split == "test" else "validation captions (train split)"
+    header = (f"ShapeWorld results: {len(metas)} {which} ({len(metas) // len(TAGS)} per tag), "
               f"fixed seeds, teacher guidance {guided} picked on train-prompt validation "
               f"{val_scores}. Strict ± 1 s.e.\n\n")
     (out / "results.md").write_text(header + table + "\n")

@@ -174,3 +174,14 @@ def test_shapes_eval_lora_rows_and_reuse(tmp_path):
     assert again["rows"]["zero, 4 NFE CPS η=0.9"]["lora"] != row["lora"]
     with pytest.raises(FileNotFoundError, match="no LoRA file"):
         run_eval(lora_rows={"x": [str(tmp_path / "missing.safetensors")]}, **kw)
+    # validation: captions of the train split only, and never a test row reused for it
+    from rtdmd_ray.shapes.prompts import split_prompts
+
+    val = run_eval(lora_rows={"zero": [str(zero)]}, **{**kw, "split": "validation"})
+    assert val["split"] == "validation" and "seconds" in val["rows"]["zero, 4 NFE CPS η=0.9"]
+    shown = (tmp_path / "eval" / "grid_prompts.txt").read_text().splitlines()[2:]
+    train, test = (set(m["prompt"] for m in ms) for ms in split_prompts(0))
+    assert shown and set(shown) <= train and not set(shown) & test
+    assert "validation captions" in (tmp_path / "eval" / "results.md").read_text()
+    with pytest.raises(ValueError, match="split='dev'"):
+        run_eval(lora_rows={}, **{**kw, "split": "dev"})
