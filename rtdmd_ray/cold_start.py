@@ -28,8 +28,8 @@ from typing import Any, NamedTuple
 import torch
 
 from rtdmd_ray.algorithms import acdmd
-from rtdmd_ray.algorithms.cps import cps_step
-from rtdmd_ray.algorithms.dmd import dmd_loss
+from rtdmd_ray.algorithms.cps import cps_step, predict_x0
+from rtdmd_ray.algorithms.dmd import clean_normaliser, dmd_loss
 from rtdmd_ray.config import ACDMDConfig, DataConfig, DMDConfig, SamplingConfig, TrainConfig, resolve_path
 from rtdmd_ray.learner_state import LearnerState, Stopwatch
 
@@ -336,7 +336,11 @@ class ColdStartIteration:
             x_real = cps_step(x_e, v_real, sigma_e, sigma_s, a.transition_eta, noise=zeta).sample
             v_fake = self.s.velocity("fake_score", x_e, sigma_e, cond)
             x_fake = cps_step(x_e, v_fake, sigma_e, sigma_s, a.transition_eta, noise=zeta).sample
-        dmd = dmd_loss(x_s, x_fake, x_real, normalize=self.dmd.gradient_normalization)
+            norm_diff = None
+            if self.dmd.normalization == "clean":
+                x0_real = predict_x0(x_e, v_real, sigma_e)
+                norm_diff = clean_normaliser(last.x0, x0_real, sigma_s)
+        dmd = dmd_loss(x_s, x_fake, x_real, normalize=self.dmd.gradient_normalization, norm_diff=norm_diff)
         dmd.loss.backward()
         step = self.s.optimizers["generator"].step()
         self.counts["generator_updates"] += 1

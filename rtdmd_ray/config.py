@@ -237,6 +237,9 @@ class DMDConfig:
             scalar).
         teacher_guidance_max: upper end of the teacher CFG scale.
         gradient_normalization: divide the DMD gradient by mean|x - y_real| per sample (§2.7).
+        normalization: what that normaliser measures: "reference" mean|x - y_real| (it includes the CPS
+            noise when sigma_s > 0, §7.1.12), or "clean" (1 - sigma_s) mean|x0_gen - x0_teacher|, equal to
+            the reference at sigma_s = 0 and noise-free above it (docs/design.md).
     """
 
     prompts_per_step: int = 72
@@ -245,6 +248,7 @@ class DMDConfig:
     teacher_guidance_min: float = 4.5
     teacher_guidance_max: float = 4.5
     gradient_normalization: bool = True
+    normalization: Literal["reference", "clean"] = "reference"
 
 
 @dataclass(frozen=True)

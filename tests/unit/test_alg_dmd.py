@@ -69,3 +69,41 @@ def test_dmd_loss_is_float64_inside_with_bf16_inputs():
     assert x.grad.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="shapes differ"):
         dmd.dmd_loss(x, y_fake[:1], y_real)
+
+
+def test_norm_diff_replaces_the_reference_normaliser():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 2, 4, 4, generator=g, requires_grad=True)
+    y_fake, y_real = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g)
+    diff = torch.randn(3, 2, 4, 4, generator=g)
+    out = dmd.dmd_loss(x, y_fake, y_real, norm_diff=diff)
+    out.loss.backward()
+    expected = (y_fake - y_real) / diff.abs().mean(dim=(1, 2, 3), keepdim=True)
+    assert torch.allclose(x.grad, expected / x.numel(), rtol=1e-5, atol=1e-9)
+    # norm_diff = x - y_real is the reference exactly
+    same = dmd.dmd_loss(x.detach(), y_fake, y_real, norm_diff=x.detach() - y_real)
+    assert same.loss.item() == pytest.approx(dmd.dmd_loss(x.detach(), y_fake, y_real).loss.item(), rel=1e-12)
+    with pytest.raises(ValueError, match="norm_diff"):
+        dmd.dmd_loss(x, y_fake, y_real, norm_diff=diff[:1])
+
+
+def test_clean_normaliser_equals_the_reference_at_a_clean_boundary_and_drops_the_noise_above():
+    """sigma_s = 0: x_s = x0_gen, y_real = x0_real, so both normalisers agree. sigma_s = 0.9: the
+    reference's x_s - y_real is dominated by two independent CPS noises; the clean one is
+    (1 - s)|x0_gen - x0_real|."""
+    from rtdmd_ray.algorithms.cps import cps_step
+
+    g = torch.Generator().manual_seed(3)
+    x0_gen, x0_real = torch.randn(4, 3, 8, 8, generator=g), torch.randn(4, 3, 8, 8, generator=g)
+    clean = dmd.clean_normaliser(x0_gen, x0_real, torch.zeros(4))
+    assert torch.equal(clean, x0_gen - x0_real)
+    s = 0.9
+    x_s = (1 - s) * x0_gen + s * torch.randn(4, 3, 8, 8, generator=g)
+    v_real = torch.randn(4, 3, 8, 8, generator=g)
+    x_e = torch.randn(4, 3, 8, 8, generator=g)
+    y_real = cps_step(x_e, v_real, 0.95, s, 0.9, noise=torch.randn(4, 3, 8, 8, generator=g)).sample
+    ref = (x_s - y_real).abs().mean()
+    clean = dmd.clean_normaliser(x0_gen, x0_real, torch.full((4,), s)).abs().mean()
+    assert clean.item() == pytest.approx(0.1 * (x0_gen - x0_real).abs().mean().item(), rel=1e-6)
+    assert ref.item() > 5 * clean.item()
+    assert dmd.clean_normaliser(x0_gen, x0_real, 0.5).shape == x0_gen.shape

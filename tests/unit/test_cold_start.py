@@ -161,3 +161,27 @@ def test_fsdp2_matches_ddp_on_one_rank(tmp_path):
         assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
     finally:
         dist.destroy_process_group()
+
+
+def _generator_step(mode: str, stop: int | None):
+    state, it = _rank(_cfg("dmd.fake_update_ratio=1", f"dmd.normalization={mode}"))
+    if stop is not None:
+        it._draw_stop = lambda: stop
+    metrics = it.run(0)
+    return metrics, state.full_lora("generator")
+
+
+def test_clean_normalisation_is_the_reference_at_the_last_step_and_larger_above_it():
+    """k = n ends at sigma_s = 0, where both normalisers are the same number (up to rounding: x - sigma v
+    versus x + (0 - sigma) v): the same update. k = 1 ends at sigma_s = 0.9, where the reference divides by
+    the CPS noise as well: the clean DMD gradient is larger."""
+    ref, lora_ref = _generator_step("reference", 4)
+    clean, lora_clean = _generator_step("clean", 4)
+    assert ref["learner/generator/stop_k"] == 4.0
+    assert ref["learner/generator/dmd_grad_norm"] == pytest.approx(
+        clean["learner/generator/dmd_grad_norm"], rel=1e-5
+    )
+    assert all(torch.allclose(lora_ref[k], lora_clean[k], rtol=1e-4, atol=1e-7) for k in lora_ref)
+    ref1, _ = _generator_step("reference", 1)
+    clean1, _ = _generator_step("clean", 1)
+    assert clean1["learner/generator/dmd_grad_norm"] > 2 * ref1["learner/generator/dmd_grad_norm"]
