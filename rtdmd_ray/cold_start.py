@@ -283,6 +283,8 @@ class ColdStartIteration:
         x_e, target, scale = acdmd.renoise(
             x_s.detach(), sigma_s, sigma_e, xi, move_scale_out=a.move_scale_out
         )
+        if a.fake_target == "x0":
+            target = acdmd.x0_target(x_e, last.x0, sigma_e, scale, move_scale_out=a.move_scale_out)
 
         def fake_v(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
             return self.s.velocity("fake_score", x, sigma, cond)

@@ -271,6 +271,9 @@ class ACDMDConfig:
             max_renoise_step even below the boundary (spec §7.1.6).
         transition_eta: CPS eta of the teacher/fake projections back to the boundary and of consistency paths.
         move_scale_out: use the scale-moved-out target, i.e. weight min(1, 10 sigma_se^2) on (v - target)^2.
+        fake_target: cold-start fake-score regression target: "path" (the reference: the velocity of the
+            conditional path from x_s) or "x0" (flow matching on the last step's x0-prediction renoised
+            through x_s; same at sigma_s = 0, far lower variance above it; docs/design.md).
         fake_loss_weight_min: lower clamp of the fake-score loss weight 1/scale^2.
         fake_loss_weight_max: upper clamp of the fake-score loss weight.
         consistency_weight: gamma of the consistency regulariser; 0 disables it.
@@ -290,6 +293,7 @@ class ACDMDConfig:
     renoise_clamp: Literal["above_start", "reference"] = "above_start"
     transition_eta: float = 0.9
     move_scale_out: bool = True
+    fake_target: Literal["path", "x0"] = "path"
     fake_loss_weight_min: float = 0.0
     fake_loss_weight_max: float = 10.0
     consistency_weight: float = 0.01
@@ -1040,6 +1044,9 @@ def _check(cfg: Config) -> list[str]:
         positive("ac_dmd.consistency_weight", a.consistency_weight, zero_ok=True)
         positive("ac_dmd.consistency_max_jump_timesteps", a.consistency_max_jump_timesteps)
         positive("ac_dmd.consistency_num_steps", a.consistency_num_steps)
+        if cfg.stage == "rtdmd" and a.fake_target != "path":
+            p.append(f"ac_dmd.fake_target={a.fake_target!r} is a cold-start option: the RL fake-score update "
+                     "trains on stored rollout latents without their x0-predictions; set it to 'path'")
         if a.start_mode == "fixed_boundary" and not 0 <= a.boundary_sigma_index < s.num_steps:
             p.append(f"ac_dmd.boundary_sigma_index={a.boundary_sigma_index} must be in "
                      f"[0, {s.num_steps - 1}] (sampling.num_steps={s.num_steps})")

@@ -311,3 +311,30 @@ def test_draw_jump_steps_range():
     d = acdmd.draw_jump_steps(5000, 2, 200.0, torch.Generator().manual_seed(0))
     assert d.shape == (2, 5000) and d.min().item() == 1 and d.max().item() == 200
     assert acdmd.draw_jump_steps(10, 1, 0.0).max().item() == 1  # Delta = max(1, round(eps))
+
+
+def test_x0_target_is_flow_matching_at_a_clean_boundary_and_the_path_target_in_the_mean_above_it():
+    g = torch.Generator().manual_seed(7)
+    x0, xi = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g)
+    e = torch.tensor([0.3, 0.6, 0.9])
+    x_e, path, scale = acdmd.renoise(x0, 0.0, e, xi)
+    assert torch.allclose(acdmd.x0_target(x_e, x0, e, scale), path, atol=1e-6)
+    _, path_u, one = acdmd.renoise(x0, 0.0, e, xi, move_scale_out=False)
+    assert torch.allclose(acdmd.x0_target(x_e, x0, e, one, move_scale_out=False), path_u, atol=1e-5)
+
+    # 1-D, two-point data x0 = +-1, s -> e: binned by x_e, both targets have the same conditional mean (the
+    # marginal velocity); the x0 target's variance stays ~2 (ordinary flow matching) while the path
+    # target's grows like (s / (1 - s))^2 (3.7 at s = 0.5, 118 at s = 0.9)
+    n = 400_000
+    for s, e, path_var in ((0.5, 0.8, 3.0), (0.75, 0.85, 15.0)):
+        x0 = torch.randint(0, 2, (n,), generator=g).float() * 2 - 1
+        x_s = (1 - s) * x0 + s * torch.randn(n, generator=g)
+        sig_s, sig_e = torch.full((n,), s), torch.full((n,), e)
+        x_e, path, scale = acdmd.renoise(x_s, sig_s, sig_e, torch.randn(n, generator=g), move_scale_out=False)
+        tx0 = acdmd.x0_target(x_e, x0, sig_e, scale, move_scale_out=False)
+        bins = torch.bucketize(x_e, torch.linspace(-1.5, 1.5, 13))
+        for b in range(1, 13):
+            m = bins == b
+            assert m.sum() > 5_000
+            assert path[m].mean().item() == pytest.approx(tx0[m].mean().item(), abs=0.1)
+        assert tx0.var().item() == pytest.approx(2.0, abs=0.05) and path.var().item() > path_var

@@ -185,3 +185,23 @@ def test_clean_normalisation_is_the_reference_at_the_last_step_and_larger_above_
     ref1, _ = _generator_step("reference", 1)
     clean1, _ = _generator_step("clean", 1)
     assert clean1["learner/generator/dmd_grad_norm"] > 2 * ref1["learner/generator/dmd_grad_norm"]
+
+
+def _fake_step(target: str, stop: int):
+    state, it = _rank(_cfg("dmd.fake_update_ratio=2", f"ac_dmd.fake_target={target}"))
+    it._draw_stop = lambda: stop
+    return it.run(0)
+
+
+def test_x0_fake_target_is_the_path_target_at_the_last_step_and_lower_variance_above_it():
+    path, x0 = _fake_step("path", 4), _fake_step("x0", 4)
+    assert path["learner/fake/loss_ac"] == pytest.approx(x0["learner/fake/loss_ac"], rel=1e-5)
+    path1, x01 = _fake_step("path", 1), _fake_step("x0", 1)
+    assert x01["learner/fake/loss_ac"] < 0.2 * path1["learner/fake/loss_ac"]
+
+
+def test_x0_fake_target_is_rejected_in_the_rl_stage():
+    from rtdmd_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="ac_dmd.fake_target"):
+        load_config(REPO / "configs/rtdmd/shapes.yaml", ["ac_dmd.fake_target=x0"])
