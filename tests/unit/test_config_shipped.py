@@ -136,6 +136,8 @@ def test_cold_start_hyperparameters(name):
         assert (lora.rank, lora.alpha, lora.init, lora.scale) == (32, 64.0, "gaussian", 2.0)
     assert cfg.sampling.denoising_step_list == (1000, 750, 500, 250) and cfg.sampling.eta == 0.9
     assert cfg.dmd.fake_update_ratio == 10 and cfg.dmd.random_stop
+    # the paper's normaliser and fake target (the ShapeWorld config departs from the first, docs/design.md)
+    assert cfg.dmd.normalization == "reference" and cfg.ac_dmd.fake_target == "path"
     assert cfg.dmd.prompts_per_step == 72 and cfg.cold_start_prompts_per_rank == 9
     a = cfg.ac_dmd
     assert (a.start_mode, a.timestep_offset) == ("next_sigma", 10)
