@@ -28,8 +28,7 @@ from typing import Any, NamedTuple
 import torch
 
 from rtdmd_ray.algorithms import acdmd
-from rtdmd_ray.algorithms.cps import cps_step, predict_x0
-from rtdmd_ray.algorithms.dmd import clean_normaliser, dmd_loss
+from rtdmd_ray.algorithms.cps import cps_step
 from rtdmd_ray.config import ACDMDConfig, DataConfig, DMDConfig, SamplingConfig, TrainConfig, resolve_path
 from rtdmd_ray.learner_state import LearnerState, Stopwatch
 
@@ -332,17 +331,20 @@ class ColdStartIteration:
         guidance = self._draw_guidance()
         xi = self._noise(tuple(x_s.shape))
         zeta = self._noise(tuple(x_s.shape))  # one transition noise shared by both projections
-        with torch.no_grad():
-            x_e, _, _ = acdmd.renoise(x_s.detach(), sigma_s, sigma_e, xi, move_scale_out=a.move_scale_out)
-            v_real = self.s.velocity(None, x_e, sigma_e, cond, guidance=guidance, uncond=uncond)
-            x_real = cps_step(x_e, v_real, sigma_e, sigma_s, a.transition_eta, noise=zeta).sample
-            v_fake = self.s.velocity("fake_score", x_e, sigma_e, cond)
-            x_fake = cps_step(x_e, v_fake, sigma_e, sigma_s, a.transition_eta, noise=zeta).sample
-            norm_diff = None
-            if self.dmd.normalization == "clean":
-                x0_real = predict_x0(x_e, v_real, sigma_e)
-                norm_diff = clean_normaliser(last.x0, x0_real, sigma_s)
-        dmd = dmd_loss(x_s, x_fake, x_real, normalize=self.dmd.gradient_normalization, norm_diff=norm_diff)
+        dmd = acdmd.generator_dmd_loss(
+            x_s,
+            last.x0,
+            sigma_s,
+            sigma_e,
+            xi,
+            zeta,
+            lambda x: self.s.velocity(None, x, sigma_e, cond, guidance=guidance, uncond=uncond),
+            lambda x: self.s.velocity("fake_score", x, sigma_e, cond),
+            eta=a.transition_eta,
+            move_scale_out=a.move_scale_out,
+            normalize=self.dmd.gradient_normalization,
+            normalization=self.dmd.normalization,
+        )
         dmd.loss.backward()
         step = self.s.optimizers["generator"].step()
         self.counts["generator_updates"] += 1

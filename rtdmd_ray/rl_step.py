@@ -38,7 +38,6 @@ import torch.distributed as dist
 from rtdmd_ray.algorithms import acdmd
 from rtdmd_ray.algorithms.bp import hinge_reward_loss
 from rtdmd_ray.algorithms.cps import CPSStep, cps_step, predict_x0, sde_step
-from rtdmd_ray.algorithms.dmd import clean_normaliser, dmd_loss
 from rtdmd_ray.algorithms.ema import EMA
 from rtdmd_ray.algorithms.grpo import compute_advantages, ppo_loss, zero_advantage_filter
 from rtdmd_ray.config import (
@@ -423,18 +422,21 @@ class RLUpdate:
             sigma_e = self._renoise_sigma(sigma_s, b)
             guidance = self._guidance()
             xi, zeta = self._noise(x.shape), self._noise(x.shape)  # zeta: one noise for both projections
-            with torch.no_grad():
-                x_e, _, _ = acdmd.renoise(x_s.detach(), sigma_s, sigma_e, xi, move_scale_out=a.move_scale_out)
-                uncond = self.s.backbone.empty_conditioning(b) if guidance > 1 else None
-                v_real = self.s.velocity(None, x_e, sigma_e, cond, guidance=guidance, uncond=uncond)
-                x_real = cps_step(x_e, v_real, sigma_e, sigma_s, a.transition_eta, noise=zeta).sample
-                v_fake = self.s.velocity("fake_score", x_e, sigma_e, cond)
-                x_fake = cps_step(x_e, v_fake, sigma_e, sigma_s, a.transition_eta, noise=zeta).sample
-                norm_diff = None
-                if self.dmd.normalization == "clean":
-                    x0_real = predict_x0(x_e, v_real, sigma_e)
-                    norm_diff = clean_normaliser(predict_x0(x, v, sigma_j), x0_real, sigma_s)
-            d = dmd_loss(x_s, x_fake, x_real, normalize=self.dmd.gradient_normalization, norm_diff=norm_diff)
+            uncond = self.s.backbone.empty_conditioning(b) if guidance > 1 else None
+            d = acdmd.generator_dmd_loss(
+                x_s,
+                predict_x0(x, v.detach(), sigma_j),
+                sigma_s,
+                sigma_e,
+                xi,
+                zeta,
+                lambda x_e: self.s.velocity(None, x_e, sigma_e, cond, guidance=guidance, uncond=uncond),
+                lambda x_e: self.s.velocity("fake_score", x_e, sigma_e, cond),
+                eta=a.transition_eta,
+                move_scale_out=a.move_scale_out,
+                normalize=self.dmd.gradient_normalization,
+                normalization=self.dmd.normalization,
+            )
             loss = loss + lsl.weight * d.loss
             stats["learner/aux/dmd_loss"] += float(d.loss.detach()) * weight
             stats["learner/aux/dmd_grad_norm"] += float(d.grad_norm) * weight

@@ -12,7 +12,8 @@ from collections.abc import Callable
 
 import torch
 
-from rtdmd_ray.algorithms.cps import cps_step, randn_like_on
+from rtdmd_ray.algorithms.cps import cps_step, predict_x0, randn_like_on
+from rtdmd_ray.algorithms.dmd import DMDLoss, clean_normaliser, dmd_loss
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``velocity_fn(x [B, C, H, W], sigma [B]) -> v [B, C, H, W]``: the fake score, conditioning bound."""
@@ -154,6 +155,44 @@ def x0_target(
     e = _bcast(sigma_e, xe)
     target = (xe - (1.0 - e) * x0c) / e - x0c
     return scale.to(compute_dtype) * target if move_scale_out else target
+
+
+def generator_dmd_loss(
+    x_s: torch.Tensor,
+    x0_gen: torch.Tensor,
+    sigma_s: float,
+    sigma_e: torch.Tensor,
+    xi: torch.Tensor,
+    zeta: torch.Tensor,
+    teacher_v: Callable[[torch.Tensor], torch.Tensor],
+    fake_v: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    eta: float,
+    move_scale_out: bool = True,
+    normalize: bool = True,
+    normalization: str = "reference",
+) -> DMDLoss:
+    """The AC-DMD generator loss (spec §2.6 steps 3-5; the RL aux loss uses it too).
+
+    Renoise ``x_s`` to ``x_e`` with ``xi``, project back to ``sigma_s`` with the teacher's and the fake
+    score's velocities at ``(x_e, sigma_e)`` (CPS, ``eta``, the one transition noise ``zeta`` shared), then
+    ``dmd_loss(x_s, x_fake, x_real)``. ``normalization="clean"`` divides by ``clean_normaliser(x0_gen,
+    x0_teacher, sigma_s)`` instead of the reference's ``mean|x_s - y_real|`` (docs/design.md, 7.1.12).
+
+    Args:
+        x_s: the generator's boundary sample ``[B, C, H, W]`` (with grad).
+        x0_gen: the x0-prediction of the step that produced ``x_s`` (read by "clean" only).
+        teacher_v, fake_v: ``x_e -> v`` at ``sigma_e``, conditioning (and the teacher's CFG) bound.
+    """
+    with torch.no_grad():
+        x_e, _, _ = renoise(x_s.detach(), sigma_s, sigma_e, xi, move_scale_out=move_scale_out)
+        v_real = teacher_v(x_e)
+        x_real = cps_step(x_e, v_real, sigma_e, sigma_s, eta, noise=zeta).sample
+        x_fake = cps_step(x_e, fake_v(x_e), sigma_e, sigma_s, eta, noise=zeta).sample
+        norm_diff = None
+        if normalization == "clean":
+            norm_diff = clean_normaliser(x0_gen, predict_x0(x_e, v_real, sigma_e), sigma_s)
+    return dmd_loss(x_s, x_fake, x_real, normalize=normalize, norm_diff=norm_diff)
 
 
 def fake_score_weight(scale: torch.Tensor, w_min: float = 0.0, w_max: float = 10.0) -> torch.Tensor:
