@@ -345,7 +345,8 @@ class ColdStartIteration:
             normalize=self.dmd.gradient_normalization,
             normalization=self.dmd.normalization,
         )
-        dmd.loss.backward()
+        weight = self.dmd.stop_loss_weights[last.k - 1] if self.dmd.stop_loss_weights else 1.0
+        (dmd.loss * weight).backward()
         step = self.s.optimizers["generator"].step()
         self.counts["generator_updates"] += 1
         out = {
@@ -354,6 +355,7 @@ class ColdStartIteration:
             "learner/generator/grad_norm": step["grad_norm"],
             "learner/generator/lr": step["lr"],
             "learner/generator/stop_k": float(last.k),
+            "learner/generator/stop_loss_weight": weight,
             "learner/generator/teacher_guidance": guidance,
         }
         if self.train.ema.update == "per_optimizer_step":

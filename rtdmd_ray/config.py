@@ -240,6 +240,10 @@ class DMDConfig:
         normalization: what that normaliser measures: "reference" mean|x - y_real| (it includes the CPS
             noise when sigma_s > 0, §7.1.12), or "clean" (1 - sigma_s) mean|x0_gen - x0_teacher|, equal to
             the reference at sigma_s = 0 and noise-free above it (docs/design.md).
+        stop_loss_weights: generator DMD loss weight per random stop k = 1..num_steps (empty = all 1, the
+            reference). Under Adam a stop whose gradient is 10x smaller barely moves the shared LoRA; weights
+            ~ 1 / (that stop's gradient norm) let every step of the sampler train (docs/design.md). Cold
+            start only.
     """
 
     prompts_per_step: int = 72
@@ -249,6 +253,7 @@ class DMDConfig:
     teacher_guidance_max: float = 4.5
     gradient_normalization: bool = True
     normalization: Literal["reference", "clean"] = "reference"
+    stop_loss_weights: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -1030,6 +1035,17 @@ def _check(cfg: Config) -> list[str]:
                      f"resources.learner.count={res.learner.count} "
                      f"({dm.prompts_per_step}/{res.learner.count} = "
                      f"{dm.prompts_per_step / res.learner.count:g} prompts per rank)")
+        if dm.stop_loss_weights:
+            if len(dm.stop_loss_weights) != s.num_steps:
+                p.append(f"dmd.stop_loss_weights has {len(dm.stop_loss_weights)} entries but "
+                         f"sampling.num_steps={s.num_steps}: give one weight per stop k = 1..{s.num_steps}, "
+                         "or [] for all 1")
+            for k, w in enumerate(dm.stop_loss_weights, start=1):
+                if not w > 0:
+                    p.append(f"dmd.stop_loss_weights[{k - 1}]={w} (stop k={k}) must be > 0")
+    elif cfg.dmd.stop_loss_weights:
+        p.append(f"dmd.stop_loss_weights is set but stage is {cfg.stage}: it weights the cold start's random "
+                 "stops only (the RL aux loss always uses the last step); use []")
     if cfg.stage in ("cold_start", "rtdmd"):
         if cfg.dmd.teacher_guidance_min > cfg.dmd.teacher_guidance_max:
             p.append(f"dmd.teacher_guidance_min={cfg.dmd.teacher_guidance_min} > dmd.teacher_guidance_max="

@@ -163,8 +163,8 @@ def test_fsdp2_matches_ddp_on_one_rank(tmp_path):
         dist.destroy_process_group()
 
 
-def _generator_step(mode: str, stop: int | None):
-    state, it = _rank(_cfg("dmd.fake_update_ratio=1", f"dmd.normalization={mode}"))
+def _generator_step(mode: str, stop: int | None, *extra: str):
+    state, it = _rank(_cfg("dmd.fake_update_ratio=1", f"dmd.normalization={mode}", *extra))
     if stop is not None:
         it._draw_stop = lambda: stop
     metrics = it.run(0)
@@ -185,6 +185,34 @@ def test_clean_normalisation_is_the_reference_at_the_last_step_and_larger_above_
     ref1, _ = _generator_step("reference", 1)
     clean1, _ = _generator_step("clean", 1)
     assert clean1["learner/generator/dmd_grad_norm"] > 2 * ref1["learner/generator/dmd_grad_norm"]
+
+
+def test_stop_loss_weight_scales_only_its_stops_gradient():
+    """The weight of the drawn stop multiplies the generator gradient (pre-clip norm x3 exactly); the
+    other stops' weights do not enter; the logged DMD loss stays the unweighted one."""
+    base, _ = _generator_step("clean", 2)
+    weighted, _ = _generator_step("clean", 2, "dmd.stop_loss_weights=[7.0,3.0,5.0,11.0]")
+    assert weighted["learner/generator/stop_loss_weight"] == 3.0
+    gn, gn_base = weighted["learner/generator/grad_norm"], base["learner/generator/grad_norm"]
+    assert gn == pytest.approx(3 * gn_base, rel=1e-5)
+    loss, loss_base = weighted["learner/generator/loss_dmd"], base["learner/generator/loss_dmd"]
+    assert loss == pytest.approx(loss_base, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("dmd.stop_loss_weights=[1.0,2.0]", "one weight per stop k = 1..4"),
+        ("dmd.stop_loss_weights=[1.0,0.0,1.0,1.0]", r"stop_loss_weights\[1\]=0.0 \(stop k=2\) must be > 0"),
+    ],
+)
+def test_stop_loss_weights_are_checked_before_any_actor(override, message):
+    from rtdmd_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(REPO / "configs/cold_start/shapes.yaml", [override])
+    with pytest.raises(ConfigError, match="dmd.stop_loss_weights is set but stage is rtdmd"):
+        load_config(REPO / "configs/rtdmd/shapes.yaml", ["dmd.stop_loss_weights=[1.0,1.0,1.0,1.0]"])
 
 
 def _fake_step(target: str, stop: int):

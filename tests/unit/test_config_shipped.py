@@ -138,6 +138,7 @@ def test_cold_start_hyperparameters(name):
     assert cfg.dmd.fake_update_ratio == 10 and cfg.dmd.random_stop
     # the paper's normaliser and fake target (the ShapeWorld config departs from the first, docs/design.md)
     assert cfg.dmd.normalization == "reference" and cfg.ac_dmd.fake_target == "path"
+    assert cfg.dmd.stop_loss_weights == ()
     assert cfg.dmd.prompts_per_step == 72 and cfg.cold_start_prompts_per_rank == 9
     a = cfg.ac_dmd
     assert (a.start_mode, a.timestep_offset) == ("next_sigma", 10)
