@@ -241,9 +241,8 @@ class DMDConfig:
             noise when sigma_s > 0, §7.1.12), or "clean" (1 - sigma_s) mean|x0_gen - x0_teacher|, equal to
             the reference at sigma_s = 0 and noise-free above it (docs/design.md).
         stop_loss_weights: generator DMD loss weight per random stop k = 1..num_steps (empty = all 1, the
-            reference). Under Adam a stop whose gradient is 10x smaller barely moves the shared LoRA; weights
-            ~ 1 / (that stop's gradient norm) let every step of the sampler train (docs/design.md). Cold
-            start only.
+            reference). Weights ~ 1 / (that stop's gradient norm) make every stop move the shared LoRA about
+            equally under Adam; on ShapeWorld that gave no gain (docs/design.md). Cold start only.
     """
 
     prompts_per_step: int = 72
