@@ -211,6 +211,11 @@ def test_stop_loss_weights_are_checked_before_any_actor(override, message):
 
     with pytest.raises(ConfigError, match=message):
         load_config(REPO / "configs/cold_start/shapes.yaml", [override])
+
+
+def test_stop_loss_weights_are_rejected_in_the_rl_stage():
+    from rtdmd_ray.config import ConfigError
+
     with pytest.raises(ConfigError, match="dmd.stop_loss_weights is set but stage is rtdmd"):
         load_config(REPO / "configs/rtdmd/shapes.yaml", ["dmd.stop_loss_weights=[1.0,1.0,1.0,1.0]"])
 
