@@ -73,6 +73,8 @@ def score_images(images: torch.Tensor, metas: list[dict[str, Any]], scorer: Shap
         "n": len(metas), "strict": float(strict.mean()), "partial": float(out["shapes_geneval"].mean()),
         "lenient": float(out["accuracy"].mean()), "exact": float(out["exact_accuracy"].mean()),
         "strict_se": float(strict.std() / np.sqrt(len(strict))),
+        # kept for paired comparisons between rows (same captions and initial noise)
+        "strict_per_caption": [int(v) for v in strict],
     }
     for tag in TAGS:
         v = out[f"{tag}_strict_accuracy"].numpy()
@@ -114,6 +116,24 @@ def pick_cfg(backbone: ShapesBackbone, scorer: ShapesGenevalScorer, *, grid=DEFA
               flush=True)
     best = max(scores, key=lambda c: scores[c])
     return best, {guidance_label(*k): v for k, v in scores.items()}
+
+
+def paired_differences(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, tuple[float, float]]]:
+    """Each model row (not a teacher or the ground truth) minus each teacher 4-NFE row, caption by caption:
+    ``{model: {teacher_row: (mean difference, its standard error)}}``. Rows share captions and initial noise,
+    so the paired error is the right one for "does the student beat teacher-4"; rows without per-caption
+    scores (cached by an older version) are left out."""
+    base = {n: np.asarray(r["strict_per_caption"], dtype=float) for n, r in rows.items()
+            if n.startswith("teacher 4 NFE") and "strict_per_caption" in r}
+    out: dict[str, dict[str, tuple[float, float]]] = {}
+    for name, row in rows.items():
+        if name.startswith("teacher") or name == "ground-truth renders" or "strict_per_caption" not in row:
+            continue
+        mine = np.asarray(row["strict_per_caption"], dtype=float)
+        for bname, b in base.items():
+            d = mine - b
+            out.setdefault(name, {})[bname] = (float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))))
+    return out
 
 
 def markdown_table(rows: dict[str, dict[str, Any]]) -> str:
@@ -244,7 +264,8 @@ def run_eval(*, teacher_dir: str | None, clip_dir: str | None, out_dir: str, n_c
     for name, (paths, sig, eta, cfg, max_sigma) in plan.items():
         grid_file = out / "rows" / f"{_slug(name)}.pt"
         hit = cached.get(name)
-        if hit is not None and hit.get("lora") == fingerprint(paths) and grid_file.is_file():
+        if (hit is not None and hit.get("lora") == fingerprint(paths) and grid_file.is_file()
+                and "strict_per_caption" in hit):
             rows[name] = hit
             images[name] = torch.load(grid_file)
             print(f"{name}: strict {hit['strict']:.3f} (reused from {out / 'results.json'})", flush=True)
@@ -279,10 +300,17 @@ def run_eval(*, teacher_dir: str | None, clip_dir: str | None, out_dir: str, n_c
     else:
         print(f"no tiny CLIP at {clip_path}: the tiny-CLIP column stays empty", flush=True)
     table = markdown_table(rows)
+    paired = paired_differences(rows)
+    if paired:
+        lines = [f"- {name} − {bname}: {d:+.3f} ± {se:.3f}"
+                 for name, per in paired.items() for bname, (d, se) in per.items()]
+        table += "\n\nPaired strict difference, per caption (same captions and noise), ± 1 s.e.:\n\n"
+        table += "\n".join(lines)
     info = {"teacher": str(teacher_dir or "shipped"), "teacher_meta": backbone.meta.get("step"),
             "cfg": cfg_scale, "cfg_max_sigma": cfg_max_sigma, "cfg_validation": val_scores,
             "n_captions": len(metas), "seed": seed, "split": split,
-            "n_diversity_prompts": len(div_metas), "wall_s": round(time.time() - t0, 1), "rows": rows}
+            "n_diversity_prompts": len(div_metas), "wall_s": round(time.time() - t0, 1), "rows": rows,
+            "paired": paired}
     (out / "results.json").write_text(json.dumps(info, indent=2))
     which = "test captions" if split == "test" else "validation captions (train split)"
     header = (f"ShapeWorld results: {len(metas)} {which} ({len(metas) // len(TAGS)} per tag), "

@@ -169,6 +169,14 @@ def test_shapes_eval_lora_rows_and_reuse(tmp_path):
     both = run_eval(lora_rows={"zero": [str(zero)]}, **{**kw, "teacher_rows": True})
     assert both["rows"]["zero, 4 NFE CPS η=0.9"] == row  # reused, not recomputed
     assert both["rows"]["teacher 4 NFE CPS η=0.9, CFG 1"]["strict"] == row["strict"]
+    # paired against teacher-4, caption by caption: identical samples differ by exactly 0 with 0 error
+    pair = both["paired"]["zero, 4 NFE CPS η=0.9"]
+    assert pair["teacher 4 NFE CPS η=0.9, CFG 1"] == (0.0, 0.0)
+    euler = np.asarray(both["rows"]["teacher 4 NFE Euler, CFG 1"]["strict_per_caption"], dtype=float)
+    d = np.asarray(row["strict_per_caption"], dtype=float) - euler
+    assert pair["teacher 4 NFE Euler, CFG 1"][0] == pytest.approx(d.mean())
+    shown = (tmp_path / "eval" / "results.md").read_text()
+    assert "zero, 4 NFE CPS η=0.9 − teacher 4 NFE Euler, CFG 1: " in shown
     os.utime(zero, (1, 1))  # a retrained file: recomputed
     again = run_eval(lora_rows={"zero": [str(zero)]}, **kw)
     assert again["rows"]["zero, 4 NFE CPS η=0.9"]["lora"] != row["lora"]
