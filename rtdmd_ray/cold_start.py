@@ -54,15 +54,33 @@ def load_prompt_records(path: str | Path) -> list[dict[str, Any]]:
 
 
 def training_prompt_records(data: DataConfig) -> list[dict[str, Any]]:
-    """The training prompt pool of ``data.kind`` (ShapeWorld: the train split of the caption grammar)."""
+    """The training prompt pool of ``data.kind`` (ShapeWorld: the train split of the caption grammar),
+    tag-balanced when ``data.balance_tags``."""
     if data.kind == "inline":
-        return [{"prompt": p} for p in data.prompts]
-    if data.kind == "shapes":
+        records = [{"prompt": p} for p in data.prompts]
+    elif data.kind == "shapes":
         from rtdmd_ray.shapes.prompts import train_prompts
 
-        return train_prompts(0)
-    base = resolve_path(data.dataset_dir)
-    return load_prompt_records(resolve_path(data.train_prompt_file, base))
+        records = train_prompts(0)
+    else:
+        base = resolve_path(data.dataset_dir)
+        records = load_prompt_records(resolve_path(data.train_prompt_file, base))
+    return balance_by_tag(records) if data.balance_tags else records
+
+
+def balance_by_tag(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each tag's records in pool order, cycled up to the largest tag's count; tags in first-seen order.
+
+    A repeated caption is the same prompt string, so its copies in one draw still form one GRPO group.
+    """
+    by_tag: dict[str, list[dict[str, Any]]] = {}
+    for i, r in enumerate(records):
+        if "tag" not in r:
+            raise ValueError(f"data.balance_tags: training record {i} ({r.get('prompt', r)!r}) has no "
+                             "\"tag\"; give every record a tag or set data.balance_tags: false")
+        by_tag.setdefault(str(r["tag"]), []).append(r)
+    n = max((len(v) for v in by_tag.values()), default=0)
+    return [rs[i % len(rs)] for rs in by_tag.values() for i in range(n)]
 
 
 class PromptStream:

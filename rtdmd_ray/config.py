@@ -623,12 +623,16 @@ class DataConfig:
         dataset_dir: root of the prompt sets; relative prompt-file paths (here and in eval) start from it.
         train_prompt_file: training prompts, relative to dataset_dir unless absolute.
         prompts: inline training prompts (kind inline).
+        balance_tags: repeat each tag's training records (cycling) up to the largest tag's count, so that
+            uniform draws from the pool sample every tag equally (needs a "tag" on every record: ShapeWorld,
+            GenEval-style jsonl). ShapeWorld's train pool is 75 % colour attribution otherwise.
     """
 
     kind: Literal["prompt_file", "inline", "shapes"] = "prompt_file"
     dataset_dir: str = "data/prompts"
     train_prompt_file: str = "pickscore/train.txt"
     prompts: tuple[str, ...] = ()
+    balance_tags: bool = False
 
 
 @dataclass(frozen=True)
@@ -1020,6 +1024,9 @@ def _check(cfg: Config) -> list[str]:
         p.append("data.kind is inline but data.prompts is empty: list the prompts or use prompt_file")
     if d.kind == "prompt_file" and not d.train_prompt_file and cfg.stage != "inference":
         p.append("data.kind is prompt_file but data.train_prompt_file is empty")
+    if d.balance_tags and d.kind == "inline":
+        p.append("data.balance_tags needs records with a \"tag\" (kind shapes or a jsonl prompt file); "
+                 "inline prompts have none: set data.balance_tags: false")
     if d.kind == "shapes" and m.backbone != "shapes":
         p.append(f"data.kind is shapes but model.backbone is {m.backbone}: ShapeWorld captions need "
                  "backbone shapes")

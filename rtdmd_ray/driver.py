@@ -66,7 +66,7 @@ def train(
     from rtdmd_ray.learner import LearnerFailure
     from rtdmd_ray.logging_utils import MetricsLogger
     from rtdmd_ray.metrics import RayMetrics, idle_fractions
-    from rtdmd_ray.reward import RewardPool, quarantine_warning, reward_metrics
+    from rtdmd_ray.reward import RewardPool, quarantine_warning, reward_metrics, tag_reward_metrics
     from rtdmd_ray.rl_step import RLLearnerGroup
     from rtdmd_ray.rollout import SamplerGroup, epoch_prompt_jobs, epoch_train_steps
     from rtdmd_ray.types import ScoredBatch
@@ -134,6 +134,7 @@ def train(
             m["timing/sample_score_s"] = time.perf_counter() - t_epoch
             scored = ScoredBatch.cat([scored_by_key[j.key] for j in jobs])
             m |= reward_metrics(scored) | samplers.epoch_stats(jobs)
+            m |= tag_reward_metrics(scored, [r for j in jobs for r in j.prompts.metadata])
             if warning := quarantine_warning(scored, epoch):  # once per epoch, never averaged in silently
                 warnings.warn(warning, RuntimeWarning, stacklevel=1)
             if g.max_policy_lag and epoch + 1 < t.iterations:  # pipelined: next epoch on the current weights

@@ -277,3 +277,20 @@ def reward_metrics(scored: ScoredBatch) -> dict[str, float]:
         if bool(keep.any()):
             out[f"reward/{name}/mean"] = float(values[keep].mean())
     return out
+
+
+def tag_reward_metrics(scored: ScoredBatch, metadata: list[dict[str, Any]]) -> dict[str, float]:
+    """``reward/by_tag/<tag>/total``: the mean trained reward (``scored.total``) of each prompt tag's valid
+    samples, so a gain on the weak tags shows even when a dominant tag hides it in the overall mean;
+    ``reward/by_tag/<tag>/share``: the tag's fraction of the epoch's samples. Records without a tag are
+    left out (non-ShapeWorld prompt sets usually have none)."""
+    if len(metadata) != len(scored):
+        raise ValueError(f"{len(metadata)} prompt records for {len(scored)} scored samples")
+    tags = [m.get("tag") for m in metadata]
+    out: dict[str, float] = {}
+    for tag in sorted({t for t in tags if t is not None}, key=str):
+        pick = torch.tensor([t == tag for t in tags]) & scored.valid
+        out[f"reward/by_tag/{tag}/share"] = float(sum(t == tag for t in tags)) / max(1, len(tags))
+        if bool(pick.any()):
+            out[f"reward/by_tag/{tag}/total"] = float(scored.total[pick].mean())
+    return out

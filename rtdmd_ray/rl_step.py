@@ -39,7 +39,12 @@ from rtdmd_ray.algorithms import acdmd
 from rtdmd_ray.algorithms.bp import hinge_reward_loss
 from rtdmd_ray.algorithms.cps import CPSStep, cps_step, predict_x0, sde_step
 from rtdmd_ray.algorithms.ema import EMA
-from rtdmd_ray.algorithms.grpo import compute_advantages, ppo_loss, zero_advantage_filter
+from rtdmd_ray.algorithms.grpo import (
+    compute_advantages,
+    ppo_loss,
+    zero_advantage_filter,
+    zero_variance_group_fraction,
+)
 from rtdmd_ray.config import (
     ACDMDConfig,
     DMDConfig,
@@ -54,7 +59,7 @@ from rtdmd_ray.config import (
     resolve_path,
 )
 from rtdmd_ray.learner import Learner, RankCalls, _has_gpu
-from rtdmd_ray.learner_state import ROLES, LearnerState, Stopwatch
+from rtdmd_ray.learner_state import ROLES, DistContext, LearnerState, Stopwatch, to_local
 from rtdmd_ray.models.lora import (
     add_lora,
     load_lora_file,
@@ -259,6 +264,74 @@ def gather_rewards(
     return {k: table[i] for i, k in enumerate(names)}, table[-1] > 0.5, flat
 
 
+# ------------------------------------------------------------------------------------ per-term gradients
+TERMS = ("subgrpo", "aux_dmd", "bp")
+
+
+class TermGradients:
+    """Each loss term's own share of the generator gradient over one optimiser step (an instrument).
+
+    The terms of a micro-batch are backpropagated one at a time, each into its own gradient buffers (swapped
+    into ``p.grad`` for that backward), so nothing is cloned; ``merge`` sums them into ``p.grad`` for the
+    optimiser. The norms are taken after the rank reduction the optimiser applies and before clipping, on
+    the scale of ``learner/generator/grad_norm``; ``grad_cos_prev`` compares a term's step gradient with the
+    previous step's (about 0 when a step carries no signal, spec rl-diagnosis.md).
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], dist_ctx: DistContext, *, averaged: bool):
+        self.params, self.dist, self.averaged = params, dist_ctx, averaged
+        self.grads: dict[str, list[torch.Tensor | None]] = {}
+        self.previous: dict[str, torch.Tensor] = {}
+
+    def backward(self, terms: Sequence[tuple[str, torch.Tensor]], scale: float) -> None:
+        live = [(k, loss) for k, loss in terms if loss.requires_grad]
+        for i, (k, loss) in enumerate(live):
+            buf = self.grads.setdefault(k, [None] * len(self.params))
+            for p, g in zip(self.params, buf, strict=True):
+                p.grad = g
+            (loss * scale).backward(retain_graph=i < len(live) - 1)  # the terms share the forward
+            self.grads[k] = [p.grad for p in self.params]
+        for p in self.params:
+            p.grad = None
+
+    def _flat(self, grads: list[torch.Tensor | None]) -> torch.Tensor:
+        return torch.cat([
+            (to_local(g) if g is not None else torch.zeros_like(to_local(p))).detach().reshape(-1).double()
+            for p, g in zip(self.params, grads, strict=True)
+        ])
+
+    def _sum(self, t: torch.Tensor) -> torch.Tensor:
+        return self.dist.sum_tensor(t) if self.dist.active else t
+
+    def merge(self) -> dict[str, float]:
+        """Put the terms' sum into ``p.grad``; returns ``learner/grad_norm/<term>`` and
+        ``learner/grad_cos_prev/<term>`` for this step, then forgets the buffers."""
+        out: dict[str, float] = {}
+        for k in TERMS:
+            if k not in self.grads:
+                continue
+            v = self._flat(self.grads[k])
+            if self.averaged and self.dist.active:  # ddp: the optimiser averages the rank gradients
+                v = self._sum(v) / self.dist.world_size
+                sq = float(v.square().sum())
+            else:  # one rank, or fsdp2 shards already reduced in backward
+                sq = float(self._sum(v.square().sum()))
+            out[f"learner/grad_norm/{k}"] = sq**0.5
+            if k in self.previous and self.previous[k].shape == v.shape:
+                prev = self.previous[k]
+                pair = torch.stack([(v * prev).sum(), prev.square().sum()])
+                if not self.averaged:  # shards: sum the partial dot products
+                    pair = self._sum(pair)
+                dot, psq = float(pair[0]), float(pair[1])
+                out[f"learner/grad_cos_prev/{k}"] = dot / max((sq * psq) ** 0.5, 1e-30)
+            self.previous[k] = v
+        for i, p in enumerate(self.params):
+            parts = [self.grads[k][i] for k in self.grads if self.grads[k][i] is not None]
+            p.grad = None if not parts else sum(parts[1:], parts[0])
+        self.grads = {}
+        return out
+
+
 # ------------------------------------------------------------------------------------ the epoch update
 class RLUpdate:
     """One RL epoch's learner work on one rank (module docstring).
@@ -300,6 +373,8 @@ class RLUpdate:
         self.aux_steps = sorted({j % self.num_steps for j in last_step_loss.train_steps})
         self.bp_scorer = bp_scorer if last_step_loss.bp.enabled else None
         self.last_advantages: tuple[list[str], torch.Tensor] | None = None
+        self.zero_variance_groups = 0.0
+        self.term_grads: TermGradients | None = None
 
     # ---------------------------------------------------------------- helpers
     def _noise(self, shape: Sequence[int]) -> torch.Tensor:
@@ -396,6 +471,7 @@ class RLUpdate:
         weights = dict(self.rewards.weights)
         rewards, valid, prompts = gather_rewards(scores, batch.prompts, weights, world_size=self.s.world_size)
         adv_all = compute_advantages(rewards, weights, prompts, valid=valid)
+        self.zero_variance_groups = zero_variance_group_fraction(rewards, weights, prompts, valid=valid)
         n, r = len(batch), self.s.rank
         adv = adv_all[r * n : (r + 1) * n]
         self.last_advantages = (list(batch.prompts), adv.clone())
@@ -411,11 +487,12 @@ class RLUpdate:
         prompts: list[str],
         stats: dict[str, float],
         weight: float,
-    ) -> torch.Tensor:
-        """``L_base (AC-DMD) + L_BP`` at aux step ``j`` (``v`` carries the generator's gradient)."""
+    ) -> list[tuple[str, torch.Tensor]]:
+        """``[("aux_dmd", L_base (AC-DMD)), ("bp", L_BP)]`` at aux step ``j``, the terms that apply (``v``
+        carries the generator's gradient)."""
         a, lsl, b = self.ac, self.lsl, x.shape[0]
         sigma_j, sigma_s = self.sigmas[j], min(max(self.sigmas[j + 1], 0.0), 1.0)
-        loss = torch.zeros((), device=self.s.device)
+        terms: list[tuple[str, torch.Tensor]] = []
         if lsl.loss_type == "ac_dmd" and lsl.weight > 0:
             # the generator's boundary sample (x0-prediction at the last step), with grad
             x_s = cps_step(x, v, sigma_j, sigma_s, self.sampling.eta, noise=self._noise(x.shape)).sample
@@ -437,7 +514,7 @@ class RLUpdate:
                 normalize=self.dmd.gradient_normalization,
                 normalization=self.dmd.normalization,
             )
-            loss = loss + lsl.weight * d.loss
+            terms.append(("aux_dmd", lsl.weight * d.loss))
             stats["learner/aux/dmd_loss"] += float(d.loss.detach()) * weight
             stats["learner/aux/dmd_grad_norm"] += float(d.grad_norm) * weight
         bp = lsl.bp
@@ -449,12 +526,22 @@ class RLUpdate:
                 images = self.s.backbone.decode(x0[lo : lo + chunk])  # VAE decode with gradient
                 rewards.append(self.bp_scorer(images, prompts[lo : lo + chunk]))
             reward = torch.cat(rewards).float()
-            loss = loss + hinge_reward_loss(reward, bp.margin, bp.grad_scale)
+            terms.append(("bp", hinge_reward_loss(reward, bp.margin, bp.grad_scale)))
             stats["learner/bp/reward"] += float(reward.detach().mean()) * weight
             stats["learner/bp/hinge_active_frac"] += (
                 float((reward.detach() < bp.margin).float().mean()) * weight
             )
-        return loss
+        return terms
+
+    def _update_size(self, before: torch.Tensor, opt: Any) -> dict[str, float]:
+        """``learner/generator/update_norm`` (``|dtheta|`` of the trainable LoRA this epoch) and
+        ``update_rel`` (``|dtheta| / |theta|`` before the update)."""
+        after = torch.cat([to_local(p).detach().reshape(-1).double() for p in opt.params])
+        sq = torch.stack([(after - before).square().sum(), before.square().sum()])
+        if not opt.average_grads and self.s.dist.active:  # fsdp2: each rank holds a shard
+            self.s.dist.sum_tensor(sq)
+        d, w = float(sq[0]) ** 0.5, float(sq[1]) ** 0.5
+        return {"learner/generator/update_norm": d, "learner/generator/update_rel": d / max(w, 1e-30)}
 
     def generator_update(self, batch: RolloutBatch, adv: torch.Tensor, epoch: int) -> dict[str, float]:
         """PPO on ``P`` + aux on ``A``, ``micro_batches_per_step`` micro-batches per optimiser step."""
@@ -478,6 +565,12 @@ class RLUpdate:
             )
         }
         ratio_dev, steps_out, ema_updates = 0.0, [], 0
+        opt = s.optimizers["generator"]
+        if self.term_grads is None:  # kept across epochs: it remembers the last step's gradients
+            self.term_grads = TermGradients(opt.params, s.dist, averaged=opt.average_grads)
+        tracker = self.term_grads
+        term_stats: list[dict[str, float]] = []
+        before = torch.cat([to_local(p).detach().reshape(-1).double() for p in opt.params])
         n_ppo = max(1, g.inner_epochs * nb * len(ppo_steps))
         n_aux = max(1, g.inner_epochs * nb * len(self.aux_steps))
         s.transformer.train()
@@ -490,7 +583,7 @@ class RLUpdate:
                 for j in all_steps:
                     x_j = mb.latents[:, j].to(s.device)
                     v = s.velocity("generator", x_j, self._sig(self.sigmas[j], len(mb)), cond)
-                    loss = torch.zeros((), device=s.device)
+                    terms: list[tuple[str, torch.Tensor]] = []
                     if j in ppo_steps:
                         step = self._transition(x_j, v, j, mb.next_latents[:, j].to(s.device))
                         l_pol, st = ppo_loss(
@@ -501,21 +594,26 @@ class RLUpdate:
                             g.clip_range_high,
                             g.adv_clip_max,
                         )
-                        loss = loss + l_pol
+                        terms.append(("subgrpo", l_pol))
                         stats["learner/ppo/loss"] += float(l_pol.detach()) / n_ppo
                         for k in ("ratio_mean", "clip_frac", "approx_kl"):
                             stats[f"learner/ppo/{k}"] += float(st[k]) / n_ppo
                         ratio_dev = max(ratio_dev, float(st["ratio_max"]) - 1.0, 1.0 - float(st["ratio_min"]))
                     if j in self.aux_steps:
-                        loss = loss + self._aux_loss(x_j, v, j, cond, mb.prompts, stats, 1.0 / n_aux)
-                    (loss / accum).backward()
+                        terms += self._aux_loss(x_j, v, j, cond, mb.prompts, stats, 1.0 / n_aux)
+                    tracker.backward(terms, 1.0 / accum)
                 if (m + 1) % self.micro_batches_per_step == 0:  # a sync point: one optimiser step
+                    term_stats.append(tracker.merge())
                     steps_out.append(s.optimizers["generator"].step())
                     if self.train.ema.update == "per_optimizer_step":
                         ema_updates += s.ema_update(s.optimizers["generator"].steps, self.train.ema)
                 if self.train.ema.update == "reference":  # after every micro-batch (§7.1.1)
                     ema_updates += s.ema_update(s.optimizers["generator"].steps + 1, self.train.ema)
         s.transformer.eval()
+        stats |= self._update_size(before, opt) | {
+            k: sum(t[k] for t in term_stats if k in t) / max(1, sum(k in t for t in term_stats))
+            for k in sorted({k for t in term_stats for k in t})
+        }
         stats |= {
             "learner/ppo/ratio_max_dev": ratio_dev,
             "learner/filter/kept_frac": len(kept) / max(1, len(adv)),
@@ -552,13 +650,16 @@ class RLUpdate:
                 f"{s.iteration}: lag {lag} exceeds grpo.max_policy_lag={max_policy_lag}"
             )
         sw = Stopwatch()
-        with sw("timing/learner_fake_s"):
-            m = self.fake_score_update(batch)
+        m: dict[str, float] = {}
+        if self.lsl.loss_type == "ac_dmd" and self.lsl.weight > 0 and self.aux_steps:
+            with sw("timing/learner_fake_s"):  # the fake score only serves the AC-DMD term
+                m = self.fake_score_update(batch)
         with sw("timing/learner_advantage_s"):
             adv = self.advantages(batch, scores)
         with sw("timing/learner_generator_s"):
             m |= self.generator_update(batch, adv, epoch)
         m |= {
+            "learner/advantage/zero_variance_groups": self.zero_variance_groups,
             "learner/advantage/abs_mean": float(adv.abs().mean()),
             "learner/advantage/std": float(adv.std()),
             "rollout/policy_lag": float(lag),

@@ -286,3 +286,35 @@ def kl_penalty(mean: torch.Tensor, mean_ref: torch.Tensor, std: torch.Tensor) ->
         raise ValueError("kl_penalty needs rho > 0: leave deterministic steps out of the KL term")
     per = ((mean.float() - mean_ref.float().detach()) ** 2).mean(dim=tuple(range(1, mean.ndim)))
     return (per / (2 * std.float().reshape(-1) ** 2)).mean()
+
+
+def zero_variance_group_fraction(
+    rewards: Mapping[str, torch.Tensor],
+    weights: Mapping[str, float],
+    prompts: Sequence[str],
+    *,
+    valid: torch.Tensor | None = None,
+    tol: float = 1e-12,
+) -> float:
+    """Fraction of prompt groups (samples with the identical prompt string, at least one valid) in which every
+    weighted reward is constant over the valid members: those samples carry no SubGRPO signal (their
+    group-centred advantage is 0 before the global renormalisation)."""
+    n = len(prompts)
+    if n == 0:
+        return 0.0
+    first = next(iter(rewards[k] for k in weights))
+    mask = (torch.ones(n, dtype=torch.bool, device=first.device) if valid is None
+            else valid.to(first.device).bool().reshape(-1))
+    gid, num_groups = _group_ids(prompts, first.device)
+    flat = torch.zeros(num_groups, dtype=torch.bool, device=first.device).index_fill_(0, gid[mask], True)
+    if not bool(flat.any()):
+        return 0.0
+    varies = torch.zeros(num_groups, dtype=torch.bool, device=first.device)
+    for k, w in weights.items():
+        if float(w) == 0.0:
+            continue
+        r = rewards[k].to(first.device).double().reshape(-1)
+        r = torch.where(mask, r, torch.zeros_like(r))
+        _, std = _group_mean_std(r, mask, gid, num_groups)
+        varies.index_fill_(0, gid[mask & (std > tol)], True)
+    return float((flat & ~varies).sum()) / float(flat.sum())

@@ -177,6 +177,11 @@ def test_on_policy_epochs(env):
         assert m["learner/ppo/ratio_max_dev"] < 1e-6
         assert math.isclose(m["learner/ppo/ratio_mean"], 1.0, abs_tol=1e-6)
         assert m["learner/generator/optimizer_steps"] == 1.0 and m["learner/generator/ema_updates"] == 1.0
+        # the instruments: each term's own gradient, the update size, groups without signal
+        assert all(m[f"learner/grad_norm/{k}"] > 0 for k in ("subgrpo", "aux_dmd", "bp"))
+        assert m["learner/generator/update_rel"] > 0 and m["learner/generator/update_norm"] > 0
+        assert 0.0 <= m["learner/advantage/zero_variance_groups"] <= 1.0
+        assert ("learner/grad_cos_prev/subgrpo" in m) == (epoch > 0)
         prompts, adv = rl.last_advantages
         for p in set(prompts):  # zero mean per prompt group
             group = adv[[i for i, q in enumerate(prompts) if q == p]]
@@ -251,3 +256,27 @@ def test_one_epoch_stale_rollouts_give_a_real_ratio(env):
     assert m["rollout/policy_lag"] == 1.0
     assert m["learner/ppo/ratio_max_dev"] > 1e-6  # the ratio is real now
     assert m["learner/ppo/clip_frac"] > 0.0  # and the 1e-5 clip range binds
+
+
+def test_subgrpo_only_runs_without_the_fake_score(env):
+    """``loss_type: none`` with BP off is SubGRPO alone: the aux step contributes no loss (it used to crash
+    in backward) and the fake score, which only the AC-DMD term uses, is not updated."""
+    import dataclasses
+
+    cfg, s = env["cfg"], env["state"]
+    lsl = dataclasses.replace(cfg.last_step_loss, loss_type="none", train_steps=(-1,),
+                              bp=dataclasses.replace(cfg.last_step_loss.bp, enabled=False))
+    rl = RLUpdate(
+        state=s, grpo=cfg.grpo, last_step_loss=lsl, sampling=cfg.sampling, dmd=cfg.dmd, ac_dmd=cfg.ac_dmd,
+        train=cfg.train, rewards=cfg.rewards, micro_batches_per_epoch=cfg.micro_batches_per_rank_per_epoch,
+        micro_batches_per_step=cfg.micro_batches_per_optimizer_step,
+        sigmas=learner_sigmas(s, cfg.model, cfg.sampling), bp_scorer=None,
+    )
+    sync(env)
+    batch, scores = rollout(env, s.iteration)
+    fake_before, gen_before = s.full_lora("fake_score"), s.full_lora("generator")
+    m = rl.run_epoch(batch, scores, s.iteration, max_policy_lag=0)
+    assert m["learner/grad_norm/subgrpo"] > 0 and "learner/grad_norm/aux_dmd" not in m
+    assert "learner/fake/loss_ac" not in m
+    assert all(torch.equal(fake_before[k], v) for k, v in s.full_lora("fake_score").items())
+    assert any(not torch.equal(gen_before[k], v) for k, v in s.full_lora("generator").items())
