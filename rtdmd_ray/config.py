@@ -423,6 +423,10 @@ class LastStepLossConfig:
         train_steps: aux steps as indices into the trajectory (-1 = the last step).
         weight: weight of the AC-DMD aux loss next to the policy-gradient loss (weight 1).
         fake_score_micro_batch_images: images per fake-score backward in the RL fake update; 0 = all at once.
+        aux_sample_fraction: share of each rank's samples that carry the aux terms (AC-DMD, BP) and the
+            fake-score update: every ``round(1 / f)``-th micro-batch, its aux losses scaled up so their
+            expected gradient is the full one's. 1 = every sample (the reference); below 1 buys the aux terms
+            for a fraction of their learner time (they were 75 % of it on ShapeWorld).
         bp: reward back-propagation.
     """
 
@@ -430,6 +434,7 @@ class LastStepLossConfig:
     train_steps: tuple[int, ...] = (-1,)
     weight: float = 1e-3
     fake_score_micro_batch_images: int = 0
+    aux_sample_fraction: float = 1.0
     bp: BPConfig = field(default_factory=BPConfig)
 
 
@@ -1135,6 +1140,9 @@ def _check_rtdmd(cfg: Config, p: list[str], positive: Any) -> None:
         p.append(f"last_step_loss.train_steps is empty but loss_type is {lsl.loss_type}: e.g. [-1]")
     positive("last_step_loss.weight", lsl.weight, zero_ok=True)
     positive("last_step_loss.fake_score_micro_batch_images", lsl.fake_score_micro_batch_images, zero_ok=True)
+    if not 0 < lsl.aux_sample_fraction <= 1:
+        p.append(f"last_step_loss.aux_sample_fraction={lsl.aux_sample_fraction} must be in (0, 1] "
+                 "(1 = the aux terms on every sample)")
     bp = lsl.bp
     if bp.enabled:
         if not bp.reward_weights:

@@ -1,7 +1,9 @@
 """Reward curves as PNG from a run's ``metrics.jsonl`` (PIL only: the CPU stack ships no matplotlib).
 
 ``rtdmd-ray plot RUN_DIR`` writes one PNG per reward name: the per-epoch training mean (thin), its moving
-average (thick) and, when the run evaluated, the eval mean on fixed captions (markers), against the epoch.
+average (thick) inside a band of +-2 standard errors of that window's mean (shaded: a rise that leaves the
+early band is more than epoch-to-epoch noise), for GenEval-like rewards the training strict accuracy's moving
+average, and, when the run evaluated, the eval mean on fixed captions (markers), against the epoch.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from PIL import Image, ImageDraw
 TRAIN_KEY = re.compile(r"^reward/(?P<name>[^/]+)/mean$")
 EVAL_KEY = re.compile(r"^eval/(?P<name>[^/]+)/(?P=name)$")
 PALETTE = [(31, 119, 180), (14, 60, 120), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
+BAND_COLOR = (205, 222, 240)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, float]]:
@@ -38,14 +41,30 @@ def moving_average(values: Sequence[float], window: int) -> list[float]:
     return out
 
 
+def moving_band(values: Sequence[float], window: int) -> tuple[list[float], list[float]]:
+    """Per point, the moving average's ``mean -+ 2 x standard error`` over the same trailing window."""
+    lo, hi, acc = [], [], []
+    for v in values:
+        acc = [*acc, v][-window:]
+        m = sum(acc) / len(acc)
+        se = (sum((a - m) ** 2 for a in acc) / max(1, len(acc) - 1)) ** 0.5 / len(acc) ** 0.5
+        lo.append(m - 2 * se)
+        hi.append(m + 2 * se)
+    return lo, hi
+
+
 def line_chart(series: dict[str, tuple[list[float], list[float]]], *, title: str, xlabel: str,
-               size: tuple[int, int] = (640, 360)) -> Image.Image:
-    """A line chart: ``series`` maps a label to ``(xs, ys)``; label ``eval*`` is drawn with markers."""
+               size: tuple[int, int] = (640, 360),
+               band: tuple[list[float], list[float], list[float]] | None = None) -> Image.Image:
+    """A line chart: ``series`` maps a label to ``(xs, ys)``; label ``eval*`` is drawn with markers, ``band``
+    ``(xs, lows, highs)`` is shaded under the lines."""
     w, h = size
     left, right, top, bottom = 62, 16, 30, 42
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
     pts = [(x, y) for xs, ys in series.values() for x, y in zip(xs, ys, strict=True) if math.isfinite(y)]
+    if band is not None:
+        pts += [(x, y) for x, lo, hi in zip(*band, strict=True) for y in (lo, hi) if math.isfinite(y)]
     if not pts:
         d.text((left, h // 2), f"{title}: no finite values", fill="black")
         return img
@@ -71,6 +90,10 @@ def line_chart(series: dict[str, tuple[list[float], list[float]]], *, title: str
         d.text((xp - 8, h - bottom + 6), f"{xv:.0f}", fill="black")
     d.text((w // 2 - 20, h - 18), xlabel, fill="black")
     d.text((left, 8), title, fill="black")
+    if band is not None and len(band[0]) > 1:
+        upper = [px(x, y) for x, y in zip(band[0], band[2], strict=True)]
+        lower = [px(x, y) for x, y in zip(band[0], band[1], strict=True)]
+        d.polygon(upper + lower[::-1], fill=BAND_COLOR)
     lx = w - right - 150
     for k, (label, (xs, ys)) in enumerate(series.items()):
         color = PALETTE[k % len(PALETTE)]
@@ -110,6 +133,11 @@ def plot_rewards(run_dir: str | Path, out_dir: str | Path | None = None, *, wind
         ev = [(r["iteration"], r[f"eval/{name}/{name}"]) for r in recs if f"eval/{name}/{name}" in r]
         xs, ys = [t[0] for t in tr], [t[1] for t in tr]
         series = {"train mean": (xs, ys), f"smooth ({window})": (xs, moving_average(ys, window))}
+        strict_tr = [(r["iteration"], r["reward/strict_accuracy/mean"]) for r in recs
+                     if name != "total" and f"reward/{name}/mean" in r and "reward/strict_accuracy/mean" in r]
+        if strict_tr and name not in ("strict_accuracy", "total"):  # what the tables judge, while training
+            series[f"train strict ({window})"] = (
+                [t[0] for t in strict_tr], moving_average([t[1] for t in strict_tr], window))
         if ev:
             series["eval (fixed captions)"] = ([e[0] for e in ev], [e[1] for e in ev])
         strict = [(r["iteration"], r[f"eval/{name}/strict_accuracy"]) for r in recs
@@ -117,7 +145,8 @@ def plot_rewards(run_dir: str | Path, out_dir: str | Path | None = None, *, wind
         if strict:  # GenEval-like rewards: the accuracy people quote
             series["eval strict accuracy"] = ([e[0] for e in strict], [e[1] for e in strict])
         path = out / f"reward_{name}.png"
-        line_chart(series, title=f"{name} reward", xlabel="epoch").save(path)
+        line_chart(series, title=f"{name} reward", xlabel="epoch",
+                   band=(xs, *moving_band(ys, window))).save(path)
         written.append(path)
     if not names:
         raise ValueError(f"{src} has no reward/<name>/mean keys: is it an RL (rtdmd-ray train) run?")

@@ -371,6 +371,11 @@ class RLUpdate:
         self.sigmas = [float(x) for x in sigmas]
         self.num_steps = len(self.sigmas) - 1
         self.aux_steps = sorted({j % self.num_steps for j in last_step_loss.train_steps})
+        # aux terms on every `aux_stride`-th micro-batch (last_step_loss.aux_sample_fraction), scaled by
+        # `aux_scale` = micro-batches / aux micro-batches so their expected gradient is the full one's
+        self.aux_stride = max(1, round(1.0 / last_step_loss.aux_sample_fraction))
+        self.aux_micro_batches = len(range(0, micro_batches_per_epoch, self.aux_stride))
+        self.aux_scale = micro_batches_per_epoch / self.aux_micro_batches
         self.bp_scorer = bp_scorer if last_step_loss.bp.enabled else None
         self.last_advantages: tuple[list[str], torch.Tensor] | None = None
         self.zero_variance_groups = 0.0
@@ -415,6 +420,9 @@ class RLUpdate:
     # ---------------------------------------------------------------- 1. fake score (§3.6)
     def fake_score_update(self, batch: RolloutBatch) -> dict[str, float]:
         """One fake-score optimiser step on every local sample's boundary ``x_s`` at each aux step."""
+        if self.aux_stride > 1:  # the same share of the samples as the generator's aux terms
+            keep = torch.randperm(len(batch), generator=self.s.local)[: -(-len(batch) // self.aux_stride)]
+            batch = batch.index(keep.sort().values)
         a, n = self.ac, len(batch)
         chunk = self.lsl.fake_score_micro_batch_images or n
         out: dict[str, float] = {"learner/fake/loss_ac": 0.0, "learner/fake/loss_consistency": 0.0}
@@ -572,7 +580,7 @@ class RLUpdate:
         term_stats: list[dict[str, float]] = []
         before = torch.cat([to_local(p).detach().reshape(-1).double() for p in opt.params])
         n_ppo = max(1, g.inner_epochs * nb * len(ppo_steps))
-        n_aux = max(1, g.inner_epochs * nb * len(self.aux_steps))
+        n_aux = max(1, g.inner_epochs * self.aux_micro_batches * len(self.aux_steps))
         s.transformer.train()
         for _ in range(g.inner_epochs):
             perm = kept[torch.randperm(len(kept), generator=s.local)]
@@ -580,7 +588,10 @@ class RLUpdate:
                 mb = batch.index(idx)
                 cond = s.backbone.encode_prompts(mb.prompts)
                 a_mb = adv[idx].to(s.device)
+                aux_here = m % self.aux_stride == 0
                 for j in all_steps:
+                    if j not in ppo_steps and not aux_here:
+                        continue
                     x_j = mb.latents[:, j].to(s.device)
                     v = s.velocity("generator", x_j, self._sig(self.sigmas[j], len(mb)), cond)
                     terms: list[tuple[str, torch.Tensor]] = []
@@ -599,8 +610,10 @@ class RLUpdate:
                         for k in ("ratio_mean", "clip_frac", "approx_kl"):
                             stats[f"learner/ppo/{k}"] += float(st[k]) / n_ppo
                         ratio_dev = max(ratio_dev, float(st["ratio_max"]) - 1.0, 1.0 - float(st["ratio_min"]))
-                    if j in self.aux_steps:
-                        terms += self._aux_loss(x_j, v, j, cond, mb.prompts, stats, 1.0 / n_aux)
+                    if j in self.aux_steps and aux_here:
+                        aux = self._aux_loss(x_j, v, j, cond, mb.prompts, stats, 1.0 / n_aux)
+                        scale = self.aux_scale
+                        terms += [(k, loss * scale) for k, loss in aux] if self.aux_stride > 1 else aux
                     tracker.backward(terms, 1.0 / accum)
                 if (m + 1) % self.micro_batches_per_step == 0:  # a sync point: one optimiser step
                     term_stats.append(tracker.merge())

@@ -242,14 +242,16 @@ def test_shapes_configs_fit_this_machine():
         assert cfg.model.backbone == "shapes"
         assert cfg.model.pretrained_path == "rtdmd_ray/shapes/assets/teacher"
         assert cfg.data.kind == "shapes"
-        assert set(cfg.eval.reward_weights) == {"shapes_geneval", "clipscore"}
+        # the RL stage trains and watches strict-judged partial credit alone (docs/design.md "RL that learns")
+        assert set(cfg.eval.reward_weights) == ({"shapes_geneval"} if stage == "rtdmd"
+                                                else {"shapes_geneval", "clipscore"})
         assert cfg.rewards.options["clipscore"]["model"] == "rtdmd_ray/shapes/assets/clip"
     rl = load_config(CONFIGS / "rtdmd" / "shapes.yaml")
     r = rl.resources
     assert (r.sampler.count, r.reward_worker.count, r.learner.count) == (1, 2, 2)
     cpus = sum(x.count * x.cpus_per_actor for x in (r.sampler, r.reward_worker, r.learner))
     assert cpus <= 4 and all(x.gpus_per_actor == 0 for x in (r.sampler, r.reward_worker, r.learner))
-    assert set(rl.rewards.weights) == {"shapes_geneval", "clipscore"}
+    assert set(rl.rewards.weights) == {"shapes_geneval"} and rl.data.balance_tags
     assert set(rl.last_step_loss.bp.reward_weights) <= DIFFERENTIABLE_REWARDS
 
 

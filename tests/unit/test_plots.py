@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from rtdmd_ray.cli import main
-from rtdmd_ray.plots import moving_average, plot_rewards, read_metrics
+from rtdmd_ray.plots import BAND_COLOR, moving_average, moving_band, plot_rewards, read_metrics
 
 
 def _write(path, recs):
@@ -56,3 +56,17 @@ def test_plot_only_configured_rewards_when_config_is_there(tmp_path):
     _write(tmp_path / "metrics.jsonl", recs)
     (tmp_path / "config.yaml").write_text("rewards:\n  weights: {clipscore: 1.0}\n")
     assert [p.name for p in plot_rewards(tmp_path)] == ["reward_clipscore.png", "reward_total.png"]
+
+
+def test_band_and_training_strict_curve(tmp_path):
+    lo, hi = moving_band([1.0, 3.0, 1.0, 3.0], 2)
+    assert lo[0] == hi[0] == 1.0 and hi[1] - lo[1] == pytest.approx(4 * 1.0)  # se of (1, 3) is 1
+    recs = [{"iteration": i, "reward/shapes_geneval/mean": 0.5 + 0.05 * (i % 3),
+             "reward/strict_accuracy/mean": 0.3 + 0.01 * i} for i in range(40)]
+    _write(tmp_path / "metrics.jsonl", recs)
+    (tmp_path / "config.yaml").write_text("rewards:\n  weights: {shapes_geneval: 1.0}\n")
+    (path,) = plot_rewards(tmp_path, window=8)
+    px = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    assert (abs(px - np.array(BAND_COLOR)).sum(-1) < 6).sum() > 500  # the shaded band
+    red = (abs(px - np.array([214, 39, 40])).sum(-1) < 30).sum()
+    assert red > 100  # the training strict-accuracy curve (third series colour)

@@ -280,3 +280,44 @@ def test_subgrpo_only_runs_without_the_fake_score(env):
     assert "learner/fake/loss_ac" not in m
     assert all(torch.equal(fake_before[k], v) for k, v in s.full_lora("fake_score").items())
     assert any(not torch.equal(gen_before[k], v) for k, v in s.full_lora("generator").items())
+
+
+def test_aux_sample_fraction_puts_the_aux_terms_on_every_kth_micro_batch(env, monkeypatch):
+    import dataclasses
+
+    from rtdmd_ray.config import ConfigError
+
+    cfg, s = env["cfg"], env["state"]
+    lsl = dataclasses.replace(cfg.last_step_loss, aux_sample_fraction=0.5)
+    nb = cfg.micro_batches_per_rank_per_epoch
+    rl = RLUpdate(
+        state=s, grpo=cfg.grpo, last_step_loss=lsl, sampling=cfg.sampling, dmd=cfg.dmd, ac_dmd=cfg.ac_dmd,
+        train=cfg.train, rewards=cfg.rewards, micro_batches_per_epoch=nb,
+        micro_batches_per_step=cfg.micro_batches_per_optimizer_step,
+        sigmas=learner_sigmas(s, cfg.model, cfg.sampling), bp_scorer=bp_scorer_fn(lsl, cfg.rewards, "cpu"),
+    )
+    assert nb == 4 and (rl.aux_stride, rl.aux_micro_batches, rl.aux_scale) == (2, 2, 2.0)
+    from rtdmd_ray.algorithms import acdmd
+
+    calls, fake_sizes = [], []
+    aux_loss, fake_loss = rl._aux_loss, acdmd.fake_score_loss
+
+    def counting_aux(x, *a, **k):
+        calls.append(x.shape[0])
+        return aux_loss(x, *a, **k)
+
+    def sized_fake_loss(v, *a, **k):
+        fake_sizes.append(v.shape[0])
+        return fake_loss(v, *a, **k)
+
+    monkeypatch.setattr(rl, "_aux_loss", counting_aux)
+    monkeypatch.setattr(acdmd, "fake_score_loss", sized_fake_loss)
+    sync(env)
+    batch, scores = rollout(env, s.iteration)
+    m = rl.run_epoch(batch, scores, s.iteration, max_policy_lag=0)
+    assert len(calls) == 2 and sum(calls) == len(batch) // 2  # half of the micro-batches carry the aux terms
+    assert sum(fake_sizes) == len(batch) // 2  # and the fake score trains on half of the samples
+    assert m["learner/grad_norm/aux_dmd"] > 0 and m["learner/grad_norm/bp"] > 0
+    sub = dataclasses.replace(lsl, aux_sample_fraction=0.0)
+    with pytest.raises(ConfigError, match="aux_sample_fraction"):
+        dataclasses.replace(cfg, last_step_loss=sub).validate()
