@@ -118,19 +118,23 @@ def pick_cfg(backbone: ShapesBackbone, scorer: ShapesGenevalScorer, *, grid=DEFA
     return best, {guidance_label(*k): v for k, v in scores.items()}
 
 
-def paired_differences(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, tuple[float, float]]]:
-    """Each model row (not a teacher or the ground truth) minus each teacher 4-NFE row, caption by caption:
-    ``{model: {teacher_row: (mean difference, its standard error)}}``. Rows share captions and initial noise,
-    so the paired error is the right one for "does the student beat teacher-4"; rows without per-caption
-    scores (cached by an older version) are left out."""
+def paired_differences(rows: dict[str, dict[str, Any]],
+                       model_base: str | None = None) -> dict[str, dict[str, tuple[float, float]]]:
+    """Each model row (not a teacher or the ground truth) minus each teacher 4-NFE row, and minus the model
+    row ``model_base`` (e.g. the RL row against its AC-DMD start), caption by caption:
+    ``{model: {base_row: (mean difference, its standard error)}}``. Rows share captions and initial noise,
+    so the paired error is the right one for "does the student beat teacher-4" and "did RL improve its
+    start"; rows without per-caption scores (cached by an older version) are left out."""
     base = {n: np.asarray(r["strict_per_caption"], dtype=float) for n, r in rows.items()
-            if n.startswith("teacher 4 NFE") and "strict_per_caption" in r}
+            if (n.startswith("teacher 4 NFE") or n == model_base) and "strict_per_caption" in r}
     out: dict[str, dict[str, tuple[float, float]]] = {}
     for name, row in rows.items():
         if name.startswith("teacher") or name == "ground-truth renders" or "strict_per_caption" not in row:
             continue
         mine = np.asarray(row["strict_per_caption"], dtype=float)
         for bname, b in base.items():
+            if bname == name:
+                continue
             d = mine - b
             out.setdefault(name, {})[bname] = (float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))))
     return out
@@ -249,6 +253,7 @@ def run_eval(*, teacher_dir: str | None, clip_dir: str | None, out_dir: str, n_c
             if not Path(p).is_file():
                 raise FileNotFoundError(f"--lora {label}: no LoRA file at {p} (train it or fix the path)")
         plan[f"{label}, 4 NFE CPS η=0.9"] = (list(paths), four, 0.9, 1.0, 1.0)
+    lora_names = [f"{label}, 4 NFE CPS η=0.9" for label in (lora_rows or {})]
 
     def fingerprint(paths: list[str]) -> list[list[Any]]:
         return [[str(p), Path(p).stat().st_size, int(Path(p).stat().st_mtime)] for p in paths]
@@ -300,7 +305,8 @@ def run_eval(*, teacher_dir: str | None, clip_dir: str | None, out_dir: str, n_c
     else:
         print(f"no tiny CLIP at {clip_path}: the tiny-CLIP column stays empty", flush=True)
     table = markdown_table(rows)
-    paired = paired_differences(rows)
+    # the first --lora row (the cold start, by convention) is the paired base of the later ones
+    paired = paired_differences(rows, model_base=lora_names[0] if lora_names else None)
     if paired:
         lines = [f"- {name} − {bname}: {d:+.3f} ± {se:.3f}"
                  for name, per in paired.items() for bname, (d, se) in per.items()]

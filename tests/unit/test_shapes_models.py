@@ -177,6 +177,10 @@ def test_shapes_eval_lora_rows_and_reuse(tmp_path):
     assert pair["teacher 4 NFE Euler, CFG 1"][0] == pytest.approx(d.mean())
     shown = (tmp_path / "eval" / "results.md").read_text()
     assert "zero, 4 NFE CPS η=0.9 − teacher 4 NFE Euler, CFG 1: " in shown
+    # a later --lora row is also paired against the first (RL against its cold start): the same file, 0 ± 0
+    two = run_eval(lora_rows={"zero": [str(zero)], "again": [str(zero)]}, **kw)
+    assert two["paired"]["again, 4 NFE CPS η=0.9"]["zero, 4 NFE CPS η=0.9"] == (0.0, 0.0)
+    assert "zero, 4 NFE CPS η=0.9" not in two["paired"]  # never against itself
     os.utime(zero, (1, 1))  # a retrained file: recomputed
     again = run_eval(lora_rows={"zero": [str(zero)]}, **kw)
     assert again["rows"]["zero, 4 NFE CPS η=0.9"]["lora"] != row["lora"]
