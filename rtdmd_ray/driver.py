@@ -63,6 +63,7 @@ def train(
     """
     from rtdmd_ray import checkpoint as ckpt
     from rtdmd_ray.cold_start import training_prompt_records
+    from rtdmd_ray.groups import STOP_GRACE_S
     from rtdmd_ray.learner import LearnerFailure
     from rtdmd_ray.logging_utils import MetricsLogger
     from rtdmd_ray.metrics import RayMetrics, idle_fractions
@@ -83,6 +84,7 @@ def train(
 
     roles: dict[str, Any] = {}
     logger = None
+    grace_s = 0.0  # a failure kills the roles at once (a rank may be stuck in a collective)
     try:
         roles["learners"] = learners = RLLearnerGroup(cfg)
         roles["samplers"] = samplers = SamplerGroup(cfg, record_noise=record_noise)
@@ -170,6 +172,7 @@ def train(
         final = export_final(last_ckpt, out) if last_ckpt else None
         if final:
             logger.write(f"final RL generator LoRA (stack it on the cold-start LoRA): {final}")
+        grace_s = STOP_GRACE_S  # ended well: each actor exits on its own, no SIGTERM traceback
         return {"output_dir": str(out), "epochs": t.iterations, "policy_version": version, "metrics": history,
                 "checkpoint": last_ckpt, "final_lora": final}
     except LearnerFailure as e:  # the group is already killed; the finally stops the other roles
@@ -179,8 +182,8 @@ def train(
     finally:
         if logger is not None:
             logger.close()
-        for role in reversed(list(roles.values())):
-            role.shutdown()
+        for role in reversed(list(roles.values())):  # rewards, then samplers, then learners
+            role.shutdown(grace_s)
 
 
 # ---------------------------------------------------------------------------------------------- helpers

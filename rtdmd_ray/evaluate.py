@@ -650,7 +650,7 @@ def run_eval(
         ]
         todo_score[row.name] = [t for t in todo_score[row.name] if t[2]]
 
-    group = None
+    group, grace_s = None, 0.0
     if (any(todo_gen.values()) or any(todo_score.values())) and workers is None:
         _start_ray(cfg, ray_address)
         group = _create_workers(cfg)
@@ -671,9 +671,12 @@ def run_eval(
             _generate_row(list(workers or []), st, todo_gen[st.row.name], progress)
             _score_row(list(workers or []), st, todo_score[st.row.name], cfg, progress)
             _compact_records(st)
+        from rtdmd_ray.groups import STOP_GRACE_S
+
+        grace_s = STOP_GRACE_S  # every row done: the workers exit on their own
     finally:
         if group is not None:
-            group.shutdown()
+            group.shutdown(grace_s)
 
     metadata = _metadata(cfg, rows, states, sets, out)
     (out / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str))

@@ -188,6 +188,9 @@ def gather(refs: Sequence[ray.ObjectRef], *, timeout_s: float, what: str) -> lis
         ) from e
 
 
+STOP_GRACE_S = 60.0  # a run that ended well: how long its actors get to exit on their own before a kill
+
+
 class ActorGroup:
     """N actors of one role, in rank order, with their resources and placement group.
 
@@ -244,8 +247,17 @@ class ActorGroup:
                 raise TimeoutError(f"{e}; {why.rstrip()}") from e
             raise
 
-    def shutdown(self) -> None:
-        """Kill the actors (no restart) and free the placement group."""
+    def shutdown(self, grace_s: float = 0.0) -> None:
+        """Stop the actors (no restart) and free the placement group.
+
+        ``grace_s > 0``, for a run that ended well: each actor finishes its queued calls and exits on its own
+        (``__ray_terminate__``: its atexit handlers run and no SIGTERM reaches it, so no worker prints a
+        ``SystemExit`` traceback); any actor still alive after ``grace_s`` is killed. ``0`` (failures, where
+        an actor may be stuck in a collective): kill at once.
+        """
+        if grace_s > 0 and self.actors:
+            refs = [a.__ray_terminate__.remote() for a in self.actors]
+            ray.wait(refs, num_returns=len(refs), timeout=grace_s)
         for a in self.actors:
             ray.kill(a, no_restart=True)
         self.actors = []

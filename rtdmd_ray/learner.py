@@ -430,8 +430,8 @@ class LearnerGroup(RankCalls):
         """Every rank's result of ``method(*args)`` (inspection helpers: lora, frozen_checksum, ...)."""
         return self.map(lambda a: getattr(a, method).remote(*args), what=method)
 
-    def shutdown(self) -> None:
-        self.group.shutdown()
+    def shutdown(self, grace_s: float = 0.0) -> None:
+        self.group.shutdown(grace_s)
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -487,6 +487,7 @@ def run_cold_start(cfg: Config, *, ray_address: str | None = None) -> dict[str, 
         )
 
     logger = None
+    grace_s = 0.0  # a failure kills the ranks at once (one may be stuck in a collective)
     group = LearnerGroup(cfg)
     try:
         start = group.load_checkpoint(str(resume_from)) if resume_from else 0
@@ -535,6 +536,9 @@ def run_cold_start(cfg: Config, *, ray_address: str | None = None) -> dict[str, 
                 shutil.rmtree(final_lora)
             shutil.copytree(Path(last_ckpt) / "transformer", final_lora)
             logger.write(f"final generator LoRA ({'EMA' if cfg.train.ema.enabled else 'live'}): {final_lora}")
+        from rtdmd_ray.groups import STOP_GRACE_S
+
+        grace_s = STOP_GRACE_S  # ended well: the ranks exit on their own, no SIGTERM traceback
         return {
             "output_dir": str(out),
             "iteration": it,
@@ -550,4 +554,4 @@ def run_cold_start(cfg: Config, *, ray_address: str | None = None) -> dict[str, 
     finally:
         if logger is not None:
             logger.close()
-        group.shutdown()
+        group.shutdown(grace_s)

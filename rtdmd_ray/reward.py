@@ -232,8 +232,8 @@ class RewardPool:
             m[f"reward/pool/worker_{w}/busy_s"] = self._busy_s[w]
         return results, m
 
-    def shutdown(self) -> None:
-        self.group.shutdown()
+    def shutdown(self, grace_s: float = 0.0) -> None:
+        self.group.shutdown(grace_s)
 
 
 def _source_failed(job: Any) -> bool:

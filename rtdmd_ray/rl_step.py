@@ -910,5 +910,5 @@ class RLLearnerGroup(RankCalls):
         """Every rank's result of ``method(*args)`` (inspection: ``lora``, ``last_advantages``, ...)."""
         return self.map(lambda a: getattr(a, method).remote(*args), what=method)
 
-    def shutdown(self) -> None:
-        self.group.shutdown()
+    def shutdown(self, grace_s: float = 0.0) -> None:
+        self.group.shutdown(grace_s)

@@ -501,5 +501,5 @@ class SamplerGroup:
             lambda a: getattr(a, method).remote(*args), timeout_s=self.timeout_s, what=method
         )
 
-    def shutdown(self) -> None:
-        self.group.shutdown()
+    def shutdown(self, grace_s: float = 0.0) -> None:
+        self.group.shutdown(grace_s)

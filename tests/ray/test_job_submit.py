@@ -162,6 +162,9 @@ def test_job_submit_one_rl_epoch_with_runtime_env(head, tmp_path):
     # the runtime_env reached the entrypoint; the driver ran the RL stage
     assert "marker=from-runtime-env" in logs
     assert "done: 1 epochs, policy version 1" in logs, logs[-3000:]
+    # a successful run stops its actors in order, each exiting on its own: no SIGTERM traceback after "done"
+    after = logs.split("done: 1 epochs")[1]
+    assert "Traceback" not in after and "SystemExit" not in after, after[-3000:]
 
     from rtdmd_ray.checkpoint import is_complete, latest_checkpoint
 
