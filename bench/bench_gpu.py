@@ -115,6 +115,8 @@ class Bench:
         self.device, self.eta = device, args.eta
         dtype = getattr(torch, args.dtype)
         self.model = build_transformer(config, device, dtype, args.seed)
+        if args.gradient_checkpointing:
+            self.model.enable_gradient_checkpointing()
         self.dtype = dtype
         self.side = args.resolution // VAE_SCALE
         self.channels = int(config["in_channels"])
@@ -220,6 +222,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--peak-tflops", type=float, default=None, help="default: 989 on H100/H200")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="recompute the transformer blocks in backward (model.gradient_checkpointing)")
     args = ap.parse_args(argv)
     defaults = (
         {"batch": 2, "resolution": 64, "text_tokens": 16, "runs": 3}
@@ -263,11 +267,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     if args.learner_batch != args.batch:
         _, fb_flops = bench.count_flops(args.learner_batch)
     n_steps = len(STEPS)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     t_roll = statistics.median(timed(lambda: bench.rollout(args.batch), device, args.runs, args.warmup))
+    peak_roll = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     # the learner's warm-up also builds the AdamW state
     t_learn = statistics.median(
         timed(lambda: bench.learner_step(args.learner_batch), device, args.runs, args.warmup)
     )
+    peak_learn = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0
     final, logp = bench.rollout(args.batch)
     assert logp.shape == (args.batch, n_steps) and torch.isfinite(final.float()).all()
     roll_flops = n_steps * fwd_flops
@@ -275,11 +286,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     mfu_roll = roll_flops / t_roll / peak
     mfu_learn = fb_flops / t_learn / peak
     latents_per_s = args.batch / t_roll
-    mem = (
-        f", peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
-        if device.type == "cuda"
-        else ""
-    )
+    mem = f", peak memory rollout {peak_roll:.1f} GiB, learner {peak_learn:.1f} GiB" if cuda else ""
     print(
         f"median of {args.runs} after {args.warmup} warm-up; peak {peak_tflops:g} TFLOP/s ({peak_src}){mem}"
     )
@@ -303,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         "mfu_learner": mfu_learn,
     }
     print("RESULT " + " ".join(f"{k}={v:.6g}" for k, v in result.items()))
-    return result
+    return result | ({"peak_gib_rollout": peak_roll, "peak_gib_learner": peak_learn} if cuda else {})
 
 
 if __name__ == "__main__":
