@@ -199,14 +199,22 @@ class ShapesGenevalScorer:
         max_color_dist: RGB distance (0-255 units) beyond which a pixel is background.
         min_area_px: smaller components are ignored (generator speckle).
         min_iou: a component whose best template IoU is lower has no shape class.
+        score: what the main key ``shapes_geneval`` (the trained reward) holds: ``"partial"`` (GenEval's
+            partial credit, the reference) or ``"strict"`` (strict accuracy, what the tables judge; a wrong
+            relation then costs the whole reward instead of a quarter). ``strict_accuracy`` and the other keys
+            are returned either way. Set it with ``rewards.options: {shapes_geneval: {score: strict}}``.
     """
 
     name = "shapes_geneval"
     differentiable = False
 
     def __init__(self, *, ckpt_dir: str | os.PathLike[str] | None = None, device: str = "cpu",
-                 max_color_dist: float = 110.0, min_area_px: int = 15, min_iou: float = 0.6) -> None:
+                 max_color_dist: float = 110.0, min_area_px: int = 15, min_iou: float = 0.6,
+                 score: str = "partial") -> None:
+        if score not in ("partial", "strict"):
+            raise ValueError(f"rewards.options.shapes_geneval.score={score!r}: use 'partial' or 'strict'")
         self.max_color_dist, self.min_area_px, self.min_iou = max_color_dist, min_area_px, min_iou
+        self.score = score
 
     def detect(self, images: torch.Tensor) -> list[list[dict[str, Any]]]:
         """Objects per image of ``images [B, 3, H, W]`` in [0, 1] (resized to 32 px by area if needed)."""
@@ -232,7 +240,7 @@ class ShapesGenevalScorer:
             strict.append(float(ok))
             lenient.append(float(evaluate_lenient(objs, meta)))
             exact.append(float(evaluate_exact(objs, meta)))
-        out = {self.name: torch.tensor(partial, dtype=torch.float32),
+        out = {self.name: torch.tensor(partial if self.score == "partial" else strict, dtype=torch.float32),
                "strict_accuracy": torch.tensor(strict, dtype=torch.float32),
                "accuracy": torch.tensor(lenient, dtype=torch.float32),
                "exact_accuracy": torch.tensor(exact, dtype=torch.float32)}

@@ -193,3 +193,20 @@ def test_components_are_4_connected():
 def test_missing_metadata_teaches():
     with pytest.raises(ValueError, match="metadata"):
         ShapesGenevalScorer()(torch.zeros(2, 3, 32, 32), ["a", "b"], None)
+
+
+def test_score_option_puts_strict_accuracy_in_the_main_key(truth):
+    metas, layouts, _ = truth
+    broken = copy.deepcopy(layouts)
+    for lay in broken[::2]:  # every other image loses an object: strict fails, partial credit stays partial
+        if len(lay) > 1:
+            lay.pop()
+    images = _images(broken)
+    prompts = [m["prompt"] for m in metas]
+    partial = ShapesGenevalScorer()(images, prompts, metas)
+    strict = ShapesGenevalScorer(score="strict")(images, prompts, metas)
+    assert torch.equal(strict["shapes_geneval"], partial["strict_accuracy"])
+    assert torch.equal(strict["strict_accuracy"], partial["strict_accuracy"])
+    assert not torch.equal(partial["shapes_geneval"], partial["strict_accuracy"])  # the option matters here
+    with pytest.raises(ValueError, match="rewards.options.shapes_geneval.score"):
+        ShapesGenevalScorer(score="lenient")
