@@ -32,7 +32,8 @@ def brightness_run(out, weight: float):
         f"rewards.weights={{brightness: {weight}}}", "data.balance_tags=false", "solver.generator.lr=1.0e-3",
         # 4 prompts x 16 images, one batch: 64 samples per epoch, 32 per learner rank in 2 micro-batches
         "grpo.prompts_per_step=4", "grpo.images_per_prompt=16", "grpo.sample_batches_per_epoch=1",
-        "resources.learner.cpus_per_actor=0.5", "resources.sampler.cpus_per_actor=0.5",
+        "resources.learner.cpus_per_actor=0.5", "resources.sampler.count=1",
+        "resources.sampler.cpus_per_actor=0.5",
     ])
     return [m["reward/brightness/mean"] for m in train(cfg)["metrics"]]
 

@@ -25,7 +25,8 @@ def run(out, weight: float) -> list[float]:
         "eval.enabled=false", "logging.stdout=false", "logging.wandb=disabled",
         "last_step_loss.loss_type=none", "last_step_loss.train_steps=[]", "last_step_loss.bp.enabled=false",
         f"rewards.weights={{brightness: {weight}}}",
-        "resources.learner.cpus_per_actor=0.5", "resources.sampler.cpus_per_actor=0.5",
+        "resources.learner.cpus_per_actor=0.5", "resources.sampler.count=1",
+        "resources.sampler.cpus_per_actor=0.5",
     ])
     return [m["reward/brightness/mean"] for m in train(cfg)["metrics"]]
 

@@ -235,7 +235,7 @@ def test_dataset_routing_points_at_existing_prompt_files():
 
 
 def test_shapes_configs_fit_this_machine():
-    """ShapeWorld: the shipped teacher and tiny CLIP, 1 sampler, 2 reward workers, 2 learner ranks, and at
+    """ShapeWorld: the shipped teacher and tiny CLIP, 2 samplers, 2 reward workers, 2 learner ranks, and at
     most the 4 logical CPUs of the local test cluster."""
     for stage in ("cold_start", "rtdmd", "inference"):
         cfg = load_config(CONFIGS / stage / "shapes.yaml")
@@ -248,7 +248,7 @@ def test_shapes_configs_fit_this_machine():
         assert cfg.rewards.options["clipscore"]["model"] == "rtdmd_ray/shapes/assets/clip"
     rl = load_config(CONFIGS / "rtdmd" / "shapes.yaml")
     r = rl.resources
-    assert (r.sampler.count, r.reward_worker.count, r.learner.count) == (1, 2, 2)
+    assert (r.sampler.count, r.reward_worker.count, r.learner.count) == (2, 2, 2)
     cpus = sum(x.count * x.cpus_per_actor for x in (r.sampler, r.reward_worker, r.learner))
     assert cpus <= 4 and all(x.gpus_per_actor == 0 for x in (r.sampler, r.reward_worker, r.learner))
     assert set(rl.rewards.weights) == {"shapes_geneval"} and rl.data.balance_tags
