@@ -300,9 +300,6 @@ class TermGradients:
             for p, g in zip(self.params, grads, strict=True)
         ])
 
-    def _sum(self, t: torch.Tensor) -> torch.Tensor:
-        return self.dist.sum_tensor(t) if self.dist.active else t
-
     def merge(self) -> dict[str, float]:
         """Put the terms' sum into ``p.grad``; returns ``learner/grad_norm/<term>`` and
         ``learner/grad_cos_prev/<term>`` for this step, then forgets the buffers."""
@@ -312,16 +309,16 @@ class TermGradients:
                 continue
             v = self._flat(self.grads[k])
             if self.averaged and self.dist.active:  # ddp: the optimiser averages the rank gradients
-                v = self._sum(v) / self.dist.world_size
+                v = self.dist.sum_tensor(v) / self.dist.world_size
                 sq = float(v.square().sum())
             else:  # one rank, or fsdp2 shards already reduced in backward
-                sq = float(self._sum(v.square().sum()))
+                sq = float(self.dist.sum_tensor(v.square().sum()))
             out[f"learner/grad_norm/{k}"] = sq**0.5
             if k in self.previous and self.previous[k].shape == v.shape:
                 prev = self.previous[k]
                 pair = torch.stack([(v * prev).sum(), prev.square().sum()])
                 if not self.averaged:  # shards: sum the partial dot products
-                    pair = self._sum(pair)
+                    pair = self.dist.sum_tensor(pair)
                 dot, psq = float(pair[0]), float(pair[1])
                 out[f"learner/grad_cos_prev/{k}"] = dot / max((sq * psq) ** 0.5, 1e-30)
             self.previous[k] = v
