@@ -45,11 +45,12 @@ def p1_config(service_s: float, epochs: int, out: str):
 def sequential_epochs(cfg: Any) -> list[float]:
     """The reference's design in one process: every sampler call, then its scoring, then the learner
     update."""
-    from rtdmd_ray.cold_start import training_prompt_records
+    from rtdmd_ray.data.prompts import training_prompt_records
     from rtdmd_ray.models.lora import load_lora_state
-    from rtdmd_ray.reward import RewardWorker
-    from rtdmd_ray.rl_step import RLLearnerState, RLUpdate, learner_sigmas
-    from rtdmd_ray.rollout import RolloutWorker, epoch_prompt_jobs, epoch_train_steps
+    from rtdmd_ray.roles.reward_pool import RewardWorker
+    from rtdmd_ray.roles.sampler import RolloutWorker, epoch_prompt_jobs, epoch_train_steps
+    from rtdmd_ray.stages.rl_state import RLLearnerState
+    from rtdmd_ray.stages.rl_step import RLUpdate, learner_sigmas
     from rtdmd_ray.types import RolloutBatch, ScoredBatch
 
     torch.set_num_threads(1)
@@ -103,8 +104,8 @@ def pool_seconds(workers: int, *, service_s: float, requests: int, images: int) 
     import ray
 
     from rtdmd_ray.config import RewardsConfig, RoleResourcesConfig
-    from rtdmd_ray.reward import RewardPool
-    from rtdmd_ray.rollout import ScoreRequest
+    from rtdmd_ray.roles.reward_pool import RewardPool
+    from rtdmd_ray.roles.sampler import ScoreRequest
 
     rewards = RewardsConfig(weights={"latency": 1.0}, device="cpu",
                             options={"latency": {"seconds_per_batch": service_s}})

@@ -89,7 +89,7 @@ class BenchSender:
     def __init__(self, *, shapes: dict[str, tuple[int, ...]], bucket_mib: float, timeout_s: float):
         import torch.distributed as dist
 
-        from rtdmd_ray.weight_sync import WeightSender
+        from rtdmd_ray.roles.weight_sync import WeightSender
 
         torch.set_num_threads(1)
         # an FSDP-like default group already lives here, as on a real learner rank
@@ -124,7 +124,7 @@ class BenchSender:
 
 class BenchReceiver:
     def __init__(self, *, timeout_s: float):
-        from rtdmd_ray.weight_sync import WeightReceiver
+        from rtdmd_ray.roles.weight_sync import WeightReceiver
 
         torch.set_num_threads(1)
         self.rx = {t: WeightReceiver(timeout_s=timeout_s) for t in ("gloo", "object_store", "raw")}

@@ -123,8 +123,9 @@ def _shapes_cfg(stage: str, tiny: bool) -> Any:
 
 
 def _cold_start_iteration(cfg: Any, device: str) -> dict[str, float]:
-    from rtdmd_ray.cold_start import ColdStartIteration, PromptStream, training_prompt_records
-    from rtdmd_ray.learner_state import LearnerState
+    from rtdmd_ray.data.prompts import PromptStream, training_prompt_records
+    from rtdmd_ray.stages.cold_start_step import ColdStartIteration
+    from rtdmd_ray.stages.learner_state import LearnerState
 
     state = LearnerState(model=cfg.model, solver=cfg.solver, train=cfg.train, parallelism="ddp",
                          device=device)
@@ -141,7 +142,8 @@ def _cold_start_iteration(cfg: Any, device: str) -> dict[str, float]:
 
 
 def _rl_epoch(cfg: Any, device: str, batch: Any, scores: Any) -> dict[str, float]:
-    from rtdmd_ray.rl_step import RLLearnerState, RLUpdate, bp_scorer_fn, learner_sigmas
+    from rtdmd_ray.stages.rl_state import RLLearnerState
+    from rtdmd_ray.stages.rl_step import RLUpdate, bp_scorer_fn, learner_sigmas
 
     state = RLLearnerState(model=cfg.model, solver=cfg.solver, train=cfg.train, parallelism="ddp",
                            device=device)
@@ -169,10 +171,10 @@ def _compare(cpu: dict[str, float], dev: dict[str, float], keys: Sequence[str],
 
 
 def check_shapes_stages(device: torch.device, tiny: bool, rtol: float) -> dict[str, Any]:
-    from rtdmd_ray.cold_start import training_prompt_records
+    from rtdmd_ray.data.prompts import training_prompt_records
     from rtdmd_ray.models.lora import load_lora_state
-    from rtdmd_ray.reward import RewardWorker
-    from rtdmd_ray.rollout import RolloutWorker, epoch_prompt_jobs, epoch_train_steps
+    from rtdmd_ray.roles.reward_pool import RewardWorker
+    from rtdmd_ray.roles.sampler import RolloutWorker, epoch_prompt_jobs, epoch_train_steps
     from rtdmd_ray.types import RolloutBatch, ScoredBatch
 
     out: dict[str, Any] = {}
@@ -205,7 +207,7 @@ def check_shapes_stages(device: torch.device, tiny: bool, rtol: float) -> dict[s
 
 def RLUpdate_state_lora(cfg: Any) -> dict[str, torch.Tensor]:  # noqa: N802 - reads as the thing it returns
     """The learner's starting generator LoRA (what weight sync sends as version 0)."""
-    from rtdmd_ray.rl_step import RLLearnerState
+    from rtdmd_ray.stages.rl_state import RLLearnerState
 
     state = RLLearnerState(model=cfg.model, solver=cfg.solver, train=cfg.train, parallelism="ddp")
     return state.full_lora("generator")

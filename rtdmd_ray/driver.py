@@ -61,15 +61,19 @@ def train(
         ``{"output_dir", "epochs", "policy_version", "metrics": [this run's per-epoch metrics], "checkpoint",
         "final_lora"}`` (``final_lora``: the EMA RL LoRA, to stack on the cold-start LoRA at inference).
     """
-    from rtdmd_ray import checkpoint as ckpt
-    from rtdmd_ray.cold_start import training_prompt_records
-    from rtdmd_ray.groups import STOP_GRACE_S
-    from rtdmd_ray.learner import LearnerFailure
-    from rtdmd_ray.logging_utils import MetricsLogger
-    from rtdmd_ray.metrics import RayMetrics, idle_fractions
-    from rtdmd_ray.reward import RewardPool, quarantine_warning, reward_metrics, tag_reward_metrics
-    from rtdmd_ray.rl_step import RLLearnerGroup
-    from rtdmd_ray.rollout import SamplerGroup, epoch_prompt_jobs, epoch_train_steps
+    from rtdmd_ray.data.prompts import training_prompt_records
+    from rtdmd_ray.roles.groups import STOP_GRACE_S
+    from rtdmd_ray.roles.learner import LearnerFailure, RLLearnerGroup
+    from rtdmd_ray.roles.reward_pool import (
+        RewardPool,
+        quarantine_warning,
+        reward_metrics,
+        tag_reward_metrics,
+    )
+    from rtdmd_ray.roles.sampler import SamplerGroup, epoch_prompt_jobs, epoch_train_steps
+    from rtdmd_ray.runs import checkpoint as ckpt
+    from rtdmd_ray.runs.logger import MetricsLogger
+    from rtdmd_ray.runs.metrics import RayMetrics, idle_fractions
     from rtdmd_ray.types import ScoredBatch
 
     check_rl_config(cfg)

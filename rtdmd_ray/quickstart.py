@@ -83,7 +83,7 @@ def run_quickstart(
         init_ckpt = shipped
 
     if "cold-start" in stages:
-        from rtdmd_ray.learner import run_cold_start
+        from rtdmd_ray.cold_start import run_cold_start
 
         _banner(f"AC-DMD cold start: {cold_start_iterations} iterations on a local Ray learner group")
         cfg = load_config(
@@ -116,7 +116,7 @@ def run_quickstart(
         print(f"RL: {res['epochs']} epochs, policy version {res['policy_version']}, lora {res['final_lora']}")
 
     if "eval" in stages:
-        from rtdmd_ray.evaluate import run_eval, summary_lines
+        from rtdmd_ray.eval.evaluate import run_eval, summary_lines
 
         _banner(f"eval: shipped ShapeWorld models on {eval_prompts} test captions")
         cfg = load_config(

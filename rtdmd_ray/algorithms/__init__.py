@@ -4,6 +4,8 @@ Modules: ``schedules`` (sigma schedules, training table, index samplers, LR warm
 SDE steps with log-probs), ``acdmd`` (sub-interval renoising, fake-score and consistency losses), ``dmd``
 (the normalised DMD loss), ``grpo`` (K-repeat draws, step selection, shared noise, advantages, filter, PPO),
 ``bp`` (reward hinge) and ``ema`` (fp32 shadow EMA).
+
+Layer 0 (the ground floor): imports nothing of ``rtdmd_ray`` outside this folder, and no Ray.
 """
 
 from rtdmd_ray.algorithms import acdmd, bp, cps, dmd, ema, grpo, schedules

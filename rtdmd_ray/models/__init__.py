@@ -3,6 +3,9 @@
 Entries are callables or lazy ``"module:attr"`` strings (imported on first use, so optional domains such as
 ShapeWorld cost nothing until asked for). Every factory takes
 ``(*, pretrained_path, dtype, device, seed)`` keyword arguments and returns a ``FlowBackbone``.
+
+Layer 1: may import ``algorithms``, ``config`` and ``shapes`` (the ShapeWorld backbone in ``shapes.py``
+decodes with the world's renderer); never a stage, role, driver or Ray.
 """
 
 from __future__ import annotations
@@ -82,7 +85,7 @@ BACKBONES: dict[str, BackboneFactory | str] = {
     "tiny_flux1": _tiny("flux1"),
     "tiny_flux2": _tiny("flux2"),
     # ShapeWorld's SD3-family model (its own text encoder and pixel-unshuffle codec), imported lazily
-    "shapes": "rtdmd_ray.shapes.backbone:build_shapes_backbone",
+    "shapes": "rtdmd_ray.models.shapes:build_shapes_backbone",
 }
 
 

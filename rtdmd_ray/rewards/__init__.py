@@ -3,6 +3,9 @@
 ``build_scorer(name, ckpt_dir=..., device=..., **options)`` imports the scorer's module only when asked, so
 ``import rtdmd_ray.rewards`` stays cheap (no transformers, no OCR engine). ``KNOWN_REWARDS`` maps every
 accepted reward name to ``"module:Class"``; configs are validated against it with ``validate_reward_names``.
+
+Layer 1: may import ``config`` and ``shapes`` (the ShapeWorld GenEval scorer reads the world's captions and
+renderer); never a model backbone, stage, role, driver or Ray. ``multi.py`` is the combiner.
 """
 
 from __future__ import annotations

@@ -15,10 +15,12 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from rtdmd_ray.config import resolve_path
 from rtdmd_ray.rewards import DIFFERENTIABLE_REWARDS, build_scorer, validate_reward_names
 from rtdmd_ray.rewards._common import SENTINEL, chunks
 from rtdmd_ray.rewards.base import Scorer
@@ -229,3 +231,18 @@ def aggregate_across_ranks(per_rank: Sequence[tuple[Mapping[str, float], int]]) 
             num[key] = num.get(key, 0.0) + float(value) * n
             den[key] = den.get(key, 0) + n
     return {k: num[k] / den[k] for k in num if den[k] > 0}
+
+
+def resolve_scorer_options(
+    options: Mapping[str, Mapping[str, Any]], names: Sequence[str] | Mapping[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """``rewards.options`` for ``names`` with repository-relative ``model`` directories made absolute (a hub
+    id, or a path that does not exist, is passed through)."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in names:
+        opts = dict(options.get(name, {}))
+        model = opts.get("model")
+        if isinstance(model, str) and model and Path(resolve_path(model)).exists():
+            opts["model"] = str(resolve_path(model))
+        out[name] = opts
+    return out

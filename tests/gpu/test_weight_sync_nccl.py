@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from rtdmd_ray.weight_sync import pack_buckets, tensor_layout, unpack_buckets
+from rtdmd_ray.roles.weight_sync import pack_buckets, tensor_layout, unpack_buckets
 
 pytestmark = pytest.mark.gpu
 
@@ -47,7 +47,7 @@ def test_cuda_buckets_bit_exact_and_cpu_buckets_from_cuda_state():
 
 class NcclSender:
     def __init__(self):
-        from rtdmd_ray.weight_sync import WeightSender
+        from rtdmd_ray.roles.weight_sync import WeightSender
 
         self.sender = WeightSender(transport="nccl", bucket_mib=0.25, timeout_s=120)
 
@@ -63,7 +63,7 @@ class NcclSender:
 
 class NcclReceiver:
     def __init__(self):
-        from rtdmd_ray.weight_sync import WeightReceiver
+        from rtdmd_ray.roles.weight_sync import WeightReceiver
 
         self.rx = WeightReceiver(timeout_s=120, expected_layout=tensor_layout(lora_state(0, "cpu")))
 
@@ -80,7 +80,7 @@ class NcclReceiver:
 def test_nccl_sync_between_gpu_actors(ray_local):
     import ray.cloudpickle
 
-    from rtdmd_ray.groups import RoleResources, create_actor_group, gather
+    from rtdmd_ray.roles.groups import RoleResources, create_actor_group, gather
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     res = RoleResources(count=1, cpus_per_actor=1, gpus_per_actor=1)

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rtdmd_ray import checkpoint as ckpt
 from rtdmd_ray.config import ConfigError, load_config
+from rtdmd_ray.runs import checkpoint as ckpt
 
 pytestmark = pytest.mark.ray
 
@@ -56,7 +56,7 @@ def _state(group) -> dict[str, torch.Tensor]:
 def test_two_ranks_train_kill_and_resume_bit_exact(ray_local, tmp_path):
     import ray
 
-    from rtdmd_ray.learner import LearnerGroup
+    from rtdmd_ray.roles.learner import LearnerGroup
 
     cfg = _cfg(tmp_path / "a")
     group = LearnerGroup(cfg)
@@ -120,7 +120,7 @@ def test_two_ranks_train_kill_and_resume_bit_exact(ray_local, tmp_path):
 
 
 def test_batch_not_divisible_by_world_size_fails_before_any_actor(ray_local, tmp_path, monkeypatch):
-    from rtdmd_ray import learner
+    from rtdmd_ray import cold_start
 
     with pytest.raises(
         ConfigError, match=r"dmd.prompts_per_step=3 is not divisible by resources.learner.count=2"
@@ -136,6 +136,6 @@ def test_batch_not_divisible_by_world_size_fails_before_any_actor(ray_local, tmp
     def no_actors(*args, **kwargs):
         raise AssertionError("a learner actor was started for an invalid config")
 
-    monkeypatch.setattr(learner, "LearnerGroup", no_actors)
+    monkeypatch.setattr(cold_start, "LearnerGroup", no_actors)
     with pytest.raises(ConfigError, match=r"3/2 = 1.5 prompts per rank"):
-        learner.run_cold_start(bad)
+        cold_start.run_cold_start(bad)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from rtdmd_ray.config import apply_overrides, load_config
-from rtdmd_ray.evaluate import _create_workers, run_eval
-from rtdmd_ray.inference import PNG_HASH_KEY, PNG_SEED_KEY, image_seed, read_png
+from rtdmd_ray.eval.evaluate import _create_workers, run_eval
+from rtdmd_ray.stages.inference import PNG_HASH_KEY, PNG_SEED_KEY, image_seed, read_png
 
 pytestmark = pytest.mark.ray
 

@@ -11,7 +11,7 @@ import time
 import pytest
 import ray.cloudpickle
 
-from rtdmd_ray.groups import (
+from rtdmd_ray.roles.groups import (
     RoleResources,
     create_actor_group,
     create_learner_group,

@@ -166,7 +166,7 @@ def test_job_submit_one_rl_epoch_with_runtime_env(head, tmp_path):
     after = logs.split("done: 1 epochs")[1]
     assert "Traceback" not in after and "SystemExit" not in after, after[-3000:]
 
-    from rtdmd_ray.checkpoint import is_complete, latest_checkpoint
+    from rtdmd_ray.runs.checkpoint import is_complete, latest_checkpoint
 
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["iteration"] for x in lines] == [1]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from rtdmd_ray.metrics import prometheus_series
+from rtdmd_ray.runs.metrics import prometheus_series
 from tests.ray.heads import free_ports, stop_head
 
 pytestmark = pytest.mark.ray
@@ -162,7 +162,7 @@ def test_rl_metrics_reach_the_prometheus_endpoint(head, tmp_path):
 
 
 def test_series_names_follow_the_jsonl_keys():
-    from rtdmd_ray.metrics import RayMetrics, idle_fractions
+    from rtdmd_ray.runs.metrics import RayMetrics, idle_fractions
 
     assert prometheus_series("timing/update_s") == ("rtdmd_timing_update_s", {"role": "driver"})
     assert prometheus_series("reward/total/quarantined") == (

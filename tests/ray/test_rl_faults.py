@@ -84,8 +84,8 @@ def test_sampler_that_died_idle_is_resynced_at_the_next_sync(run):
 
 
 def test_killed_sampler_is_restarted_resynced_and_the_epoch_completes(run):
-    from rtdmd_ray.cold_start import training_prompt_records
-    from rtdmd_ray.rollout import epoch_prompt_jobs
+    from rtdmd_ray.data.prompts import training_prompt_records
+    from rtdmd_ray.roles.sampler import epoch_prompt_jobs
 
     cfg, res = run["cfg"], run["result"]
     assert res["epochs"] == EPOCHS and res["policy_version"] == EPOCHS

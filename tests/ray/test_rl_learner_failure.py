@@ -33,9 +33,9 @@ def config(out: Path):
 def test_dead_learner_rank_ends_the_job_and_resume_auto_continues(ray_local, tmp_path):
     import ray
 
-    from rtdmd_ray import checkpoint as ckpt
     from rtdmd_ray.driver import train
-    from rtdmd_ray.learner import LearnerFailure
+    from rtdmd_ray.roles.learner import LearnerFailure
+    from rtdmd_ray.runs import checkpoint as ckpt
 
     actors: list = []
     armed: list[float] = []
@@ -76,7 +76,7 @@ def test_dead_learner_rank_ends_the_job_and_resume_auto_continues(ray_local, tmp
 def test_cli_prints_the_learner_failure_without_traceback_and_exits_3(monkeypatch, capsys):
     from rtdmd_ray import driver
     from rtdmd_ray.cli import main
-    from rtdmd_ray.learner import LearnerFailure
+    from rtdmd_ray.roles.learner import LearnerFailure
 
     def dead_rank(cfg, **kwargs):
         raise LearnerFailure(rank=1, progress="epoch 4", what="learner update 4", cause=RuntimeError("gone"),
@@ -96,7 +96,7 @@ def test_gather_ranks_blames_the_dead_rank_not_the_survivors_collective_error(ra
 
     import ray
 
-    from rtdmd_ray.learner import gather_ranks
+    from rtdmd_ray.roles.learner import gather_ranks
 
     @ray.remote(num_cpus=0)
     class Rank:

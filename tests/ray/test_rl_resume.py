@@ -67,8 +67,8 @@ def assert_same(a, b, where: str = "") -> None:
 
 @pytest.mark.parametrize("lag", [0, 1], ids=["on_policy", "pipelined"])
 def test_rl_resume_n_plus_n_equals_2n_bit_exactly(ray_local, tmp_path, lag):
-    from rtdmd_ray import checkpoint as ckpt
     from rtdmd_ray.driver import train
+    from rtdmd_ray.runs import checkpoint as ckpt
 
     straight = train(config(tmp_path / "straight", "never", lag))
 

@@ -19,7 +19,7 @@ SERVICE_S = 2.0
 def requests(n: int) -> list:
     import ray
 
-    from rtdmd_ray.rollout import ScoreRequest
+    from rtdmd_ray.roles.sampler import ScoreRequest
 
     g = torch.Generator().manual_seed(0)
     out = []
@@ -40,7 +40,7 @@ def expected(job) -> torch.Tensor:
 def test_reward_pool_redispatches_work_of_a_dead_worker(ray_local):
     import ray
 
-    from rtdmd_ray.reward import RewardPool
+    from rtdmd_ray.roles.reward_pool import RewardPool
 
     rewards = RewardsConfig(weights={"latency": 1.0}, device="cpu",
                             options={"latency": {"seconds_per_batch": SERVICE_S}})

@@ -22,7 +22,7 @@ def run(ray_local, tmp_path_factory):
     import ray
 
     from rtdmd_ray.driver import train
-    from rtdmd_ray.rollout import epoch_prompt_jobs, epoch_train_steps
+    from rtdmd_ray.roles.sampler import epoch_prompt_jobs, epoch_train_steps
 
     out = tmp_path_factory.mktemp("rl_run")
     cfg = tiny_rl_config(

@@ -16,8 +16,8 @@ import pytest
 import ray.cloudpickle
 import torch
 
-from rtdmd_ray.groups import RoleResources, create_actor_group, create_learner_group, gather
-from rtdmd_ray.weight_sync import ManifestMismatchError, tensor_layout
+from rtdmd_ray.roles.groups import RoleResources, create_actor_group, create_learner_group, gather
+from rtdmd_ray.roles.weight_sync import ManifestMismatchError, tensor_layout
 
 pytestmark = pytest.mark.ray
 
@@ -45,7 +45,7 @@ class SyncLearner:
     """A learner rank: rank 0 owns the weight senders; every rank has the default gloo group."""
 
     def __init__(self, *, bucket_mib: float):
-        from rtdmd_ray.weight_sync import WeightSender
+        from rtdmd_ray.roles.weight_sync import WeightSender
 
         self.bucket_mib = bucket_mib
         self.senders = {}
@@ -76,7 +76,7 @@ class SyncLearner:
 
 class SyncSampler:
     def __init__(self):
-        from rtdmd_ray.weight_sync import WeightReceiver
+        from rtdmd_ray.roles.weight_sync import WeightReceiver
 
         self.receiver = WeightReceiver(timeout_s=TIMEOUT_S, expected_layout=tensor_layout(lora_state(0)))
 

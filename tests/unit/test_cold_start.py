@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from rtdmd_ray.cold_start import ColdStartIteration, PromptStream, backward_simulation
 from rtdmd_ray.config import load_config
+from rtdmd_ray.data.prompts import PromptStream
+from rtdmd_ray.stages.cold_start_step import ColdStartIteration, backward_simulation
 
 REPO = Path(__file__).resolve().parents[2]
 # the tiny SD3's last joint block is context_pre_only: its text-query output is discarded, so this adapter
@@ -31,7 +32,7 @@ def _cfg(*extra: str):
 
 
 def _rank(cfg):
-    from rtdmd_ray.learner_state import LearnerState
+    from rtdmd_ray.stages.learner_state import LearnerState
 
     torch.set_num_threads(1)
     state = LearnerState(model=cfg.model, solver=cfg.solver, train=cfg.train, parallelism="ddp")
@@ -145,7 +146,7 @@ def test_fsdp2_matches_ddp_on_one_rank(tmp_path):
         cfg = _cfg("dmd.fake_update_ratio=1")
         runs = {}
         for parallelism in ("ddp", "fsdp2"):
-            from rtdmd_ray.learner_state import LearnerState
+            from rtdmd_ray.stages.learner_state import LearnerState
 
             state = LearnerState(model=cfg.model, solver=cfg.solver, train=cfg.train, parallelism=parallelism)
             prompts = PromptStream([{"prompt": p} for p in cfg.data.prompts], prompts_per_step=2, seed=0)

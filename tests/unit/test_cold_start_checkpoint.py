@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from rtdmd_ray import checkpoint as ckpt
 from rtdmd_ray.config import LoggingConfig
+from rtdmd_ray.runs import checkpoint as ckpt
 
 
 def _save(root, it, keep=2, ranks=2):
@@ -101,7 +101,7 @@ def test_base_fingerprint_resolves_a_relative_load_path_from_the_repository_root
 
 
 def test_metrics_logger_jsonl_and_offline_wandb(tmp_path, monkeypatch):
-    from rtdmd_ray.logging_utils import MetricsLogger
+    from rtdmd_ray.runs.logger import MetricsLogger
 
     monkeypatch.setenv("WANDB_SILENT", "true")
     log = MetricsLogger(

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rtdmd_ray.config import apply_overrides, load_config
-from rtdmd_ray.inference import (
+from rtdmd_ray.stages.inference import (
     PNG_HASH_KEY,
     PNG_PROMPT_KEY,
     PNG_SEED_KEY,
@@ -179,7 +179,7 @@ def test_missing_lora_names_the_config_key(cfg, tmp_path):
 
 
 def test_uint8_round_trip_and_png_metadata(tmp_path):
-    from rtdmd_ray.inference import encode_png
+    from rtdmd_ray.stages.inference import encode_png
 
     x = torch.rand(2, 3, 5, 7)
     u8 = to_uint8(x)

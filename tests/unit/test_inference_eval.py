@@ -9,18 +9,15 @@ from pathlib import Path
 import pytest
 
 from rtdmd_ray.config import ConfigError, apply_overrides, load_config
-from rtdmd_ray.evaluate import (
+from rtdmd_ray.data.prompt_sets import (
     PromptSet,
-    Row,
-    RowState,
-    build_rows,
     dataset_token,
     eval_prompt_sets,
     grid_selection,
     read_prompt_file,
-    summarize_row,
 )
-from rtdmd_ray.inference import image_seed
+from rtdmd_ray.eval.evaluate import Row, RowState, build_rows, summarize_row
+from rtdmd_ray.stages.inference import image_seed
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = "configs/debug/tiny_sd3.yaml"
@@ -184,7 +181,7 @@ def test_sample_cli_writes_pngs(tmp_path, capsys):
     import torch
 
     from rtdmd_ray.cli import main
-    from rtdmd_ray.inference import PNG_SEED_KEY, read_png
+    from rtdmd_ray.stages.inference import PNG_SEED_KEY, read_png
 
     torch.set_num_threads(1)
     out = tmp_path / "samples"
@@ -199,7 +196,7 @@ def test_sample_cli_writes_pngs(tmp_path, capsys):
 
 
 def test_scorer_key_tracks_scorer_settings(cfg, tmp_path):
-    from rtdmd_ray.evaluate import scorer_key
+    from rtdmd_ray.eval.evaluate import scorer_key
 
     base = scorer_key("clipscore", cfg.rewards)
     model = tmp_path / "clip"

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from rtdmd_ray.cli import main
-from rtdmd_ray.plots import BAND_COLOR, moving_average, moving_band, plot_rewards, read_metrics
+from rtdmd_ray.eval.plots import BAND_COLOR, moving_average, moving_band, plot_rewards, read_metrics
 
 
 def _write(path, recs):

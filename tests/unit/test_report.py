@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rtdmd_ray.report import ROW_COLORS, THUMB_PX, find_chromium, render_report, screenshot, write_report
+from rtdmd_ray.eval.report import (
+    ROW_COLORS,
+    THUMB_PX,
+    find_chromium,
+    render_report,
+    screenshot,
+    write_report,
+)
 
 # solid image colours per row, far from every bar colour (tab10) and from the page's greys
 IMAGE_RGB = {"teacher-50": (0, 255, 0), "AC-DMD-4": (255, 0, 255)}
@@ -71,7 +78,7 @@ def test_report_html_structure(tmp_path):
 
 
 def test_negative_values_share_the_zero_line():
-    from rtdmd_ray.report import bar_chart_svg
+    from rtdmd_ray.eval.report import bar_chart_svg
 
     svg = bar_chart_svg("r", ["a", "b"], [-1.0, 3.0], ["#000000", "#111111"])
     ys = [float(v) for v in re.findall(r'class="bar"[^>]*y="([0-9.]+)"', svg)]

@@ -41,7 +41,7 @@ def test_reward_metrics_skip_quarantined_and_not_applicable():
 
     import torch
 
-    from rtdmd_ray.reward import reward_metrics
+    from rtdmd_ray.roles.reward_pool import reward_metrics
     from rtdmd_ray.types import ScoredBatch
 
     scores = {"a": torch.tensor([1.0, float("nan"), 3.0]), "a_colors": torch.tensor([-10.0, 0.5, 1.0])}

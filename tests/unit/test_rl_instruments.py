@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from rtdmd_ray.algorithms.grpo import zero_variance_group_fraction
-from rtdmd_ray.cold_start import balance_by_tag, training_prompt_records
 from rtdmd_ray.config import ConfigError, DataConfig, load_config
-from rtdmd_ray.learner_state import DistContext
-from rtdmd_ray.reward import tag_reward_metrics
-from rtdmd_ray.rl_step import TermGradients
+from rtdmd_ray.data.prompts import balance_by_tag, training_prompt_records
+from rtdmd_ray.roles.reward_pool import tag_reward_metrics
+from rtdmd_ray.stages.learner_state import DistContext
+from rtdmd_ray.stages.rl_step import TermGradients
 from rtdmd_ray.types import ScoredBatch
 from tests.unit.test_rl_step import TINY_CONFIG
 

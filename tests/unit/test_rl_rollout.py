@@ -10,7 +10,7 @@ import torch
 
 from rtdmd_ray.algorithms.grpo import select_train_steps, shared_noise
 from rtdmd_ray.config import GRPOConfig, StepSelectionConfig
-from rtdmd_ray.rollout import epoch_prompt_jobs, epoch_train_steps, sample_seed, trajectory_noise
+from rtdmd_ray.roles.sampler import epoch_prompt_jobs, epoch_train_steps, sample_seed, trajectory_noise
 from rtdmd_ray.types import PromptBatch
 
 RECORDS = [{"prompt": f"prompt {i}", "tag": f"t{i % 3}"} for i in range(10)]

@@ -23,9 +23,10 @@ from rtdmd_ray.models.lora import (
     save_lora,
     use_adapters,
 )
-from rtdmd_ray.reward import RewardWorker
-from rtdmd_ray.rl_step import RLLearnerState, RLUpdate, bp_scorer_fn, learner_sigmas
-from rtdmd_ray.rollout import RolloutWorker, epoch_prompt_jobs, epoch_train_steps
+from rtdmd_ray.roles.reward_pool import RewardWorker
+from rtdmd_ray.roles.sampler import RolloutWorker, epoch_prompt_jobs, epoch_train_steps
+from rtdmd_ray.stages.rl_state import RLLearnerState
+from rtdmd_ray.stages.rl_step import RLUpdate, bp_scorer_fn, learner_sigmas
 from rtdmd_ray.types import RolloutBatch, ScoredBatch
 
 SEED = 42
@@ -97,7 +98,7 @@ def sync(env) -> None:
 
 
 def rollout(env, epoch: int) -> tuple[RolloutBatch, ScoredBatch]:
-    from rtdmd_ray.cold_start import training_prompt_records
+    from rtdmd_ray.data.prompts import training_prompt_records
 
     cfg = env["cfg"]
     steps = epoch_train_steps(cfg.grpo, cfg.train.seed, epoch)
@@ -231,7 +232,7 @@ def test_nan_reward_is_quarantined(env):
         "NaNScorer", (), {"__call__": staticmethod(with_nan), "differentiable": False}
     )()
     try:
-        from rtdmd_ray.rollout import ScoreRequest
+        from rtdmd_ray.roles.sampler import ScoreRequest
 
         scores = env["scorer"].score(ScoreRequest(batch.images, batch.prompts, batch.metadata))
     finally:

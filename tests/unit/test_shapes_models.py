@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from rtdmd_ray.models.base import FlowBackbone
-from rtdmd_ray.shapes import prompts as P
-from rtdmd_ray.shapes.backbone import (
+from rtdmd_ray.models.shapes import (
     SHIPPED_CLIP,
     SHIPPED_TEACHER,
     ShapesBackbone,
     ShapesWeightsMissing,
     sample,
 )
+from rtdmd_ray.shapes import prompts as P
 from rtdmd_ray.shapes.text import build_text_encoder, build_tokenizer, tokenize
 
 needs_teacher = pytest.mark.skipif(
@@ -153,8 +153,8 @@ def test_shapes_eval_lora_rows_and_reuse(tmp_path):
     and a changed file (new mtime/size) recomputes it. An all-zero LoRA must reproduce the no-CFG teacher."""
     import os
 
+    from rtdmd_ray.eval.shapes import run_eval
     from rtdmd_ray.models.lora import add_lora, lora_state, save_lora
-    from rtdmd_ray.shapes.evaluate import run_eval
 
     teacher = ShapesBackbone.from_pretrained(None)
     add_lora(teacher.transformer, "gen", family="sd3", rank=4, alpha=4.0, init=True, seed=0)  # B = 0

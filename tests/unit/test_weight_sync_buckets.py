@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from rtdmd_ray.weight_sync import (
+from rtdmd_ray.roles.weight_sync import (
     ManifestMismatchError,
     WeightReceiver,
     WeightSender,

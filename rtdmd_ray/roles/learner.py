@@ -1,41 +1,46 @@
-"""The learner role: ``Learner`` (one rank, a Ray actor), ``LearnerGroup`` (the ranks, one process group) and
-``run_cold_start`` (the Stage 1 driver loop).
+"""The learner role: one class per rank and one group per stage, side by side.
 
-``Learner`` is a plain class; ``groups.create_learner_group`` wraps it with ``ray.remote`` and applies
-``resources.learner`` (count, CPUs/GPUs per rank), then makes the actors ranks of one torch.distributed group
-(gloo on CPU, NCCL on GPU). Every RPC is a verb that all ranks run together (``run_cold_start``,
-``save_checkpoint``, ``load_checkpoint``, ``evaluate``); ``LearnerGroup`` fans each out and gathers once.
+``Learner`` (one cold-start rank) and ``RLLearner`` (an RL rank: ``Learner`` plus the RL verbs) are plain
+classes; ``groups.create_learner_group`` wraps them with ``ray.remote``, applies ``resources.learner``
+(count, CPUs/GPUs per rank) and makes the actors ranks of one torch.distributed group (gloo on CPU, NCCL on
+GPU). Every RPC is a verb that all ranks run together (``run_cold_start``, ``update``, ``save_checkpoint``,
+``load_checkpoint``, ``evaluate``); ``LearnerGroup`` / ``RLLearnerGroup`` fan each out and gather once, and a
+dead rank fails the job fast with ``LearnerFailure`` (``RankCalls``). The work of a rank on a batch is
+Ray-free and lives in ``stages/`` (``cold_start_step``, ``rl_step``).
+
+Over ~600 lines on purpose: both stages' ranks and their groups are one role, read together.
 """
 
 from __future__ import annotations
 
-import math
-import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
 
-from rtdmd_ray import checkpoint as ckpt
 from rtdmd_ray.config import (
     ACDMDConfig,
     Config,
-    ConfigError,
     DataConfig,
     DMDConfig,
     EvalConfig,
+    GRPOConfig,
+    LastStepLossConfig,
     ModelConfig,
     RewardsConfig,
     SamplingConfig,
     SolversConfig,
     TrainConfig,
-    dump_yaml,
     resolve_path,
-    to_dict,
 )
+from rtdmd_ray.runs import checkpoint as ckpt
+from rtdmd_ray.stages.learner_state import has_gpu
+from rtdmd_ray.stages.rl_state import RLLearnerState
+from rtdmd_ray.stages.rl_step import RLUpdate, bp_scorer_fn, learner_sigmas
+from rtdmd_ray.types import RolloutBatch, ScoredBatch
 
 CALL_TIMEOUT_S = 3600.0  # one chunk of iterations or one eval; raise for very large models
 
@@ -86,10 +91,11 @@ class Learner:
 
     def setup(self) -> dict[str, Any]:
         """Build the rank state (after the process group exists); returns parameter counts."""
-        from rtdmd_ray.cold_start import ColdStartIteration, PromptStream, training_prompt_records
-        from rtdmd_ray.learner_state import LearnerState, to_local
+        from rtdmd_ray.data.prompts import PromptStream, training_prompt_records
+        from rtdmd_ray.stages.cold_start_step import ColdStartIteration
+        from rtdmd_ray.stages.learner_state import LearnerState, to_local
 
-        device = "cuda" if _has_gpu() else "cpu"
+        device = "cuda" if has_gpu() else "cpu"
         self.state = LearnerState(
             model=self.model,
             solver=self.solver,
@@ -137,7 +143,7 @@ class Learner:
     def evaluate(self, image_path: str | None = None) -> dict[str, float]:
         """Eval metrics of the current (EMA) generator, identical on every rank."""
         if self.eval_hook is None:
-            from rtdmd_ray.eval_hooks import EvalHook
+            from rtdmd_ray.stages.validation import EvalHook
 
             self.eval_hook = EvalHook(
                 state=self.state,
@@ -161,8 +167,8 @@ class Learner:
 
     def save_checkpoint(self, output_dir: str, keep_last: int) -> str:
         """Every rank writes its part into ``checkpoint-<it>.tmp``; rank 0 adds full LoRAs and finalises."""
-        from rtdmd_ray.learner_state import ROLES
         from rtdmd_ray.models.lora import save_lora, save_peft_dir
+        from rtdmd_ray.stages.learner_state import ROLES
 
         s = self.state
         it = s.iteration
@@ -237,7 +243,7 @@ class Learner:
 
     def frozen_checksum(self) -> float:
         """Sum of |w| over frozen parameters (the base, teacher): must never change during training."""
-        from rtdmd_ray.learner_state import to_local
+        from rtdmd_ray.stages.learner_state import to_local
 
         with torch.no_grad():
             return float(
@@ -250,10 +256,6 @@ class Learner:
 
     def update_counts(self) -> dict[str, int]:
         return {role: o.steps for role, o in self.state.optimizers.items()}
-
-
-def _has_gpu() -> bool:
-    return bool(os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()) and torch.cuda.device_count() > 0
 
 
 class LearnerFailure(RuntimeError):
@@ -293,7 +295,7 @@ def gather_ranks(
     that may block in a collective."""
     import ray
 
-    from rtdmd_ray.groups import gather
+    from rtdmd_ray.roles.groups import gather
 
     rank_of = {r.hex(): i for i, r in enumerate(refs)}
     results: dict[str, Any] = {}  # fetched once, as each rank finishes
@@ -360,7 +362,7 @@ class RankCalls:
         """Create ``resources.learner.count`` rank actors of ``actor_class`` (``groups.create_learner_group``
         applies ``resources.learner``), join their process group and run ``setup``; ``extra_kwargs`` are the
         stage's constructor arguments beyond the shared sections."""
-        from rtdmd_ray.groups import RoleResources, create_learner_group
+        from rtdmd_ray.roles.groups import RoleResources, create_learner_group
 
         r = cfg.resources.learner
         # config validation keeps max_restarts at 0: a restarted rank cannot rejoin its process group
@@ -434,124 +436,200 @@ class LearnerGroup(RankCalls):
         self.group.shutdown(grace_s)
 
 
-# ---------------------------------------------------------------------------------------------- driver
-def check_cold_start_config(cfg: Config) -> Config:
-    """Validate before any actor starts (the numbers are in the message); returns the config."""
-    if cfg.stage != "cold_start":
-        raise ConfigError(
-            f"stage={cfg.stage!r}: rtdmd-ray cold-start needs stage: cold_start "
-            "(set it in the YAML or pass stage=cold_start)"
+class RLLearner(Learner):
+    """One learner rank of the RL stage: ``Learner`` plus the RL verbs (``update``, weight sync, inspection).
+
+    Args (beyond ``Learner``'s): grpo, last_step_loss: config slices; micro_batches_per_epoch,
+    micro_batches_per_step: the derived accumulation counts (``Config`` properties).
+    """
+
+    def __init__(
+        self,
+        *,
+        grpo: GRPOConfig,
+        last_step_loss: LastStepLossConfig,
+        micro_batches_per_epoch: int,
+        micro_batches_per_step: int,
+        **learner_kwargs: Any,
+    ):
+        super().__init__(**learner_kwargs)
+        self.grpo, self.lsl = grpo, last_step_loss
+        self.micro_batches_per_epoch, self.micro_batches_per_step = (
+            micro_batches_per_epoch,
+            micro_batches_per_step,
         )
-    cfg.validate()
-    return cfg
+        self.rl: RLUpdate | None = None
+        self.sender: Any = None
+        self._crash = False
+
+    stage = "rtdmd"  # checkpoints: Learner.save_checkpoint / load_checkpoint with RL meta
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        epoch = self.state.iteration  # epochs done = generator updates = the policy version
+        return {
+            "epoch": epoch,
+            "policy_version": epoch,
+            "prompts_consumed": epoch * self.grpo.prompts_per_epoch,
+            "adapter_stacks": {role: list(stack) for role, stack in self.state.stacks.items()},
+        }
+
+    def setup(self) -> dict[str, Any]:
+        device = "cuda" if has_gpu() else "cpu"
+        self.state = RLLearnerState(
+            model=self.model,
+            solver=self.solver,
+            train=self.train,
+            parallelism=self.parallelism,
+            rank=self.rank,
+            world_size=self.world_size,
+            device=device,
+        )
+        sigmas = learner_sigmas(self.state, self.model, self.sampling)
+        self.rl = RLUpdate(
+            state=self.state,
+            grpo=self.grpo,
+            last_step_loss=self.lsl,
+            sampling=self.sampling,
+            dmd=self.dmd,
+            ac_dmd=self.ac_dmd,
+            train=self.train,
+            rewards=self.rewards,
+            micro_batches_per_epoch=self.micro_batches_per_epoch,
+            micro_batches_per_step=self.micro_batches_per_step,
+            sigmas=sigmas,
+            bp_scorer=bp_scorer_fn(self.lsl, self.rewards, device),
+        )
+        return {
+            "device": device,
+            "sigmas": sigmas,
+            "stacks": dict(self.state.stacks),
+            "trainable_params": {
+                r: sum(p.numel() for p in o.params) for r, o in self.state.optimizers.items()
+            },
+        }
+
+    def update(
+        self, epoch: int, spans: list[tuple[int, int]], scores: ScoredBatch, *batches: RolloutBatch
+    ) -> dict[str, float]:
+        """Train epoch ``epoch`` on this rank's shard: rows ``spans[i]`` of ``batches[i]`` (Ray resolves the
+        batch refs passed as arguments), scored by ``scores`` in the same order."""
+        if self._crash:  # test hook: die mid-epoch, as a crashed rank would (the other ranks block in gloo)
+            import os
+
+            os._exit(1)
+        t0 = time.perf_counter()
+        shard = RolloutBatch.cat([b.index(slice(lo, hi)) for b, (lo, hi) in zip(batches, spans, strict=True)])
+        t_fetch = time.perf_counter() - t0
+        if self.grpo.max_policy_lag:  # collective under fsdp2: every rank takes the snapshot
+            self.state.previous_generator = self.state.full_lora("generator")
+        m = self.rl.run_epoch(shard, scores, epoch, max_policy_lag=self.grpo.max_policy_lag)
+        m["timing/learner_fetch_s"] = t_fetch
+        m["timing/learner_update_s"] = time.perf_counter() - t0
+        return m
+
+    # ---------------------------------------------------------- weight sync (rank 0 sends)
+    def open_weight_sync(
+        self, transport: str, num_receivers: int, bucket_mib: float, timeout_s: float
+    ) -> Any:
+        from rtdmd_ray.roles.weight_sync import WeightSender
+
+        if self.rank != 0:
+            return None
+        if self.sender is None or self.sender.transport != transport:
+            self.sender = WeightSender(transport=transport, bucket_mib=bucket_mib, timeout_s=timeout_s)
+        return self.sender.open(num_receivers)
+
+    def send_weights(self, version: int, previous: bool = False) -> Any:
+        """Every rank gathers the generator LoRA (a collective under fsdp2); rank 0 posts it as
+        ``version``. ``previous``: the LoRA before the last update instead (a pipelined run's resume)."""
+        if previous:
+            tensors = self.state.previous_generator
+            if tensors is None:
+                raise RuntimeError("no previous generator LoRA: the checkpoint was not written with "
+                                   "grpo.max_policy_lag > 0")
+        else:
+            tensors = self.state.full_lora("generator")
+        if self.rank != 0:
+            return None
+        return self.sender.send(tensors, version)
+
+    def finish_send(self) -> None:
+        if self.sender is not None:
+            self.sender.wait()
+
+    def last_advantages(self) -> tuple[list[str], torch.Tensor] | None:
+        return self.rl.last_advantages
+
+    def policy_version(self) -> int:
+        return self.state.iteration
+
+    def crash_on_next_update(self) -> None:
+        """Test hook (learner-failure tests): the next ``update`` kills this rank's process, as a crash
+        would; the job must end with ``LearnerFailure`` (a rank cannot rejoin its process group)."""
+        self._crash = True
 
 
-def _next_boundary(it: int, total: int, *intervals: int) -> int:
-    """The smallest iteration > ``it`` that is a multiple of one of ``intervals``, capped at ``total``."""
-    nxt = total
-    for n in intervals:
-        if n > 0:
-            nxt = min(nxt, (it // n + 1) * n)
-    return nxt
-
-
-def run_cold_start(cfg: Config, *, ray_address: str | None = None) -> dict[str, Any]:
-    """Stage 1 end to end: validate, start the learner group, resume, train, eval, checkpoint, export.
+class RLLearnerGroup(RankCalls):
+    """The RL learner ranks (``groups.create_learner_group`` applies ``resources.learner``); one call per
+    phase.
 
     Args:
-        cfg: a ``stage: cold_start`` config.
-        ray_address: Ray cluster to join when Ray is not initialised yet (default ``$RAY_ADDRESS``, else a
-            private local cluster sized to this machine).
-
-    Returns:
-        ``{"output_dir", "iteration", "checkpoint", "final_lora", "metrics": last training metrics,
-        "eval": last eval metrics}``.
+        cfg: the whole config: this is the one place that maps its sections onto the rank actors.
     """
-    import ray
 
-    from rtdmd_ray.logging_utils import MetricsLogger
+    def __init__(self, cfg: Any, *, timeout_s: float = 3600.0):
+        self.start_ranks(cfg, RLLearner, timeout_s=timeout_s, extra_kwargs={
+            "grpo": cfg.grpo,
+            "last_step_loss": cfg.last_step_loss,
+            "micro_batches_per_epoch": cfg.micro_batches_per_rank_per_epoch,
+            "micro_batches_per_step": cfg.micro_batches_per_optimizer_step,
+        })
 
-    check_cold_start_config(cfg)
-    t, out = cfg.train, resolve_path(cfg.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    resume_from = ckpt.resolve_resume(t.resume, out, base=ckpt.base_fingerprint(cfg.model))
-    (out / "config.yaml").write_text(dump_yaml(cfg, comments=False))
-    if not ray.is_initialized():
-        address = ray_address or os.environ.get("RAY_ADDRESS") or "local"
-        need = cfg.resources.learner.count * cfg.resources.learner.cpus_per_actor
-        ray.init(
-            address=address,
-            include_dashboard=False,
-            log_to_driver=True,
-            **({"num_cpus": max(math.ceil(need), os.cpu_count() or 1)} if address == "local" else {}),
-        )
+    def update(self, epoch: int, jobs: Sequence[Any], scores: ScoredBatch) -> dict[str, float]:
+        """Train epoch ``epoch``: the concatenation of ``jobs``' rollouts (in order) is split into equal
+        contiguous rank shards; each rank receives only the rollout refs its shard touches. Returns rank 0's
+        metrics."""
+        total = sum(j.num_images for j in jobs)
+        if total % self.world_size:
+            raise ValueError(f"{total} samples do not split over {self.world_size} learner ranks")
+        n = total // self.world_size
+        starts = [0]
+        for j in jobs:
+            starts.append(starts[-1] + j.num_images)
 
-    logger = None
-    grace_s = 0.0  # a failure kills the ranks at once (one may be stuck in a collective)
-    group = LearnerGroup(cfg)
-    try:
-        start = group.load_checkpoint(str(resume_from)) if resume_from else 0
-        logger = MetricsLogger(
-            cfg=cfg.logging,
-            output_dir=out,
-            total_iterations=t.iterations,
-            start_iteration=start,
-            run_config=to_dict(cfg),
-        )
-        logger.write(f"cold-start: {cfg.summary()}")
-        logger.write(
-            f"learner: {group.info} ({'resumed from ' + str(resume_from) if resume_from else 'fresh'})"
-        )
-        it, last_metrics, last_eval, last_ckpt = start, {}, {}, None
-        eval_every = cfg.eval.every_iterations if cfg.eval.enabled else 0
-        evaluated_at = -1
-        while True:
-            if eval_every and it % eval_every == 0 and evaluated_at != it:
-                last_eval = group.evaluate(str(out / "eval" / f"iteration_{it:08d}.png"))
-                evaluated_at = it
-                logger.log(it, last_eval)
-            if it >= t.iterations:
-                break
-            stop = _next_boundary(
-                it, t.iterations, t.log_every_iterations, t.save_every_iterations, eval_every
-            )
-            chunk = group.run_cold_start(it, stop - it)
-            for j, m in enumerate(chunk):
-                if (it + j + 1) % t.log_every_iterations == 0 or it + j + 1 == stop:
-                    logger.log(it + j + 1, m, echo=(it + j + 1) % t.log_every_iterations == 0)
-            last_metrics = chunk[-1]
-            logger.advance(stop - it, last_metrics)
-            it = stop
-            if it % t.save_every_iterations == 0 or it == t.iterations:
-                last_ckpt = group.save_checkpoint(str(out), t.keep_last_checkpoints)
-        if eval_every and evaluated_at != it:
-            last_eval = group.evaluate(str(out / "eval" / f"iteration_{it:08d}.png"))
-            logger.log(it, last_eval)
-        if last_ckpt is None and resume_from is not None:
-            last_ckpt = str(resume_from)
-        final_lora = None
-        if last_ckpt is not None:
-            final_lora = out / "final"
-            if final_lora.exists():
-                shutil.rmtree(final_lora)
-            shutil.copytree(Path(last_ckpt) / "transformer", final_lora)
-            logger.write(f"final generator LoRA ({'EMA' if cfg.train.ema.enabled else 'live'}): {final_lora}")
-        from rtdmd_ray.groups import STOP_GRACE_S
+        def call(rank: int, actor: Any) -> Any:
+            lo, hi = rank * n, (rank + 1) * n
+            picked = [
+                (i, max(lo, starts[i]) - starts[i], min(hi, starts[i + 1]) - starts[i])
+                for i in range(len(jobs))
+                if starts[i] < hi and starts[i + 1] > lo
+            ]
+            spans = [(a, b) for _, a, b in picked]
+            refs = [jobs[i].rollout_ref for i, _, _ in picked]
+            return actor.update.remote(epoch, spans, scores.index(slice(lo, hi)), *refs)
 
-        grace_s = STOP_GRACE_S  # ended well: the ranks exit on their own, no SIGTERM traceback
-        return {
-            "output_dir": str(out),
-            "iteration": it,
-            "checkpoint": last_ckpt,
-            "final_lora": str(final_lora) if final_lora else None,
-            "metrics": last_metrics,
-            "eval": last_eval,
-        }
-    except LearnerFailure as e:
-        if logger is not None:
-            logger.write(f"cold-start stopped: {e}")
-        raise
-    finally:
-        if logger is not None:
-            logger.close()
-        group.shutdown(grace_s)
+        self.progress = f"epoch {epoch}"
+        return self.map_ranked(call, what=f"learner update {epoch}")[0]
+
+    def save_checkpoint(self, output_dir: str, keep_last: int) -> str:
+        """Every rank writes its part; returns the checkpoint directory (``checkpoint.py`` layout)."""
+        return self.call("save_checkpoint", output_dir, keep_last)[0]
+
+    def load_checkpoint(self, path: str) -> int:
+        """Restore every rank from ``path``; returns the epoch to continue from."""
+        epochs = self.call("load_checkpoint", path)
+        if len(set(epochs)) != 1:
+            raise RuntimeError(f"learner ranks resumed at different epochs {epochs} from {path}")
+        self.progress = f"epoch {epochs[0]}"
+        return epochs[0]
+
+    def evaluate(self, image_path: str | None = None) -> dict[str, float]:
+        """Eval metrics of the (EMA) generator stack, identical on every rank (``eval_hooks.EvalHook``)."""
+        return self.call("evaluate", image_path)[0]
+
+    def call(self, method: str, *args: Any) -> list[Any]:
+        """Every rank's result of ``method(*args)`` (inspection: ``lora``, ``last_advantages``, ...)."""
+        return self.map(lambda a: getattr(a, method).remote(*args), what=method)
+
+    def shutdown(self, grace_s: float = 0.0) -> None:
+        self.group.shutdown(grace_s)

@@ -23,6 +23,7 @@ is seeded per rank and draws the sample noise. Both states are checkpointed, so 
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -56,6 +57,11 @@ from rtdmd_ray.models.lora import (
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ROLES = ("generator", "fake_score")
 TEACHER = None  # the adapter set of the teacher: the base with every adapter disabled
+
+
+def has_gpu() -> bool:
+    """Whether this process was given a GPU (Ray sets ``CUDA_VISIBLE_DEVICES`` for actors with GPUs)."""
+    return bool(os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()) and torch.cuda.device_count() > 0
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from rtdmd_ray.algorithms.cps import cps_step
 from rtdmd_ray.config import DataConfig, EvalConfig, RewardsConfig, SamplingConfig, resolve_path
-from rtdmd_ray.learner_state import LearnerState
+from rtdmd_ray.stages.learner_state import LearnerState
 
 SENTINEL = -10.0
 
@@ -40,7 +40,7 @@ def eval_datasets(
         n = eval_cfg.num_prompts or 600
         recs = balanced_eval_prompts(train_prompts(0), max(1, n // len(TAGS)), eval_cfg.seed + 999)
         return {"shapes_validation": (recs, names)}
-    from rtdmd_ray.cold_start import load_prompt_records
+    from rtdmd_ray.data.prompts import load_prompt_records
     from rtdmd_ray.rewards.multi import route_rewards_to_datasets
 
     if data.kind == "inline" and not eval_cfg.prompt_file and not eval_cfg.dataset_map:

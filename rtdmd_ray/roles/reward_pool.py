@@ -16,29 +16,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from rtdmd_ray.config import RewardsConfig, resolve_path
+from rtdmd_ray.config import RewardsConfig
+from rtdmd_ray.rewards.multi import resolve_scorer_options
 from rtdmd_ray.types import ScoredBatch
-
-
-def resolve_scorer_options(
-    options: Mapping[str, Mapping[str, Any]], names: Sequence[str] | Mapping[str, Any]
-) -> dict[str, dict[str, Any]]:
-    """``rewards.options`` for ``names`` with repository-relative ``model`` directories made absolute (a hub
-    id, or a path that does not exist, is passed through)."""
-    out: dict[str, dict[str, Any]] = {}
-    for name in names:
-        opts = dict(options.get(name, {}))
-        model = opts.get("model")
-        if isinstance(model, str) and model and Path(resolve_path(model)).exists():
-            opts["model"] = str(resolve_path(model))
-        out[name] = opts
-    return out
 
 
 class RewardWorker:
@@ -106,7 +91,7 @@ class RewardPool:
     def __init__(
         self, *, rewards: RewardsConfig, resources: Any, timeout_s: float = 3600.0, max_attempts: int = 3
     ):
-        from rtdmd_ray.groups import RoleResources, create_actor_group
+        from rtdmd_ray.roles.groups import RoleResources, create_actor_group
 
         r = resources
         res = RoleResources(

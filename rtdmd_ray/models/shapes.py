@@ -20,9 +20,9 @@ from typing import Any
 import torch
 
 from rtdmd_ray.models.base import Conditioning, resolve_uncond
+from rtdmd_ray.shapes import ASSETS_DIR
 from rtdmd_ray.shapes.render import RESOLUTION_PX, decode_latents
 
-ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 SHIPPED_TEACHER = ASSETS_DIR / "teacher"
 SHIPPED_CLIP = ASSETS_DIR / "clip"
 SHIFT = 3.0

@@ -28,8 +28,7 @@ import json
 import math
 import os
 import re
-import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,9 +36,10 @@ from typing import Any
 import numpy as np
 
 from rtdmd_ray.config import Config, ConfigError, RewardsConfig, apply_overrides, resolve_path, to_dict
-from rtdmd_ray.inference import (
+from rtdmd_ray.data.prompt_sets import PromptSet, eval_prompt_sets, grid_selection
+from rtdmd_ray.roles.eval_worker import EvalWorker, run_queue
+from rtdmd_ray.stages.inference import (
     PNG_HASH_KEY,
-    PNG_PROMPT_KEY,
     PNG_SEED_KEY,
     config_hash,
     image_seed,
@@ -47,16 +47,6 @@ from rtdmd_ray.inference import (
 )
 
 SENTINEL = -10.0
-# §3.4: the file a prompt-set directory resolves to, first match wins
-PROMPT_FILE_ORDER = (
-    "test.txt",
-    "test.jsonl",
-    "test_metadata.jsonl",
-    "prompts.json",
-    "prompts.txt",
-    "metadata.jsonl",
-)
-SHAPES_DATASET = "shapes_test"
 # a row may change the model and the sampler, never the prompts, seeds or rewards: rows compare like with like
 ROW_OVERRIDE_PREFIXES = (
     "model.",
@@ -71,119 +61,7 @@ ROW_OVERRIDE_PREFIXES = (
 )
 DEFAULT_ROW = "model"
 LOAD_TIMEOUT_S = 3600.0
-BATCH_TIMEOUT_S = 3600.0
 METADATA_FILE = "metadata.json"
-
-
-# --------------------------------------------------------------------------------------- prompt sets
-def read_prompt_file(path: str | Path) -> list[dict[str, Any]]:
-    """Prompt records ``[{"prompt": str, ...metadata}]`` of a prompt file or directory (spec §3.4).
-
-    A directory resolves to its first file in ``PROMPT_FILE_ORDER``. ``.json``: a list of strings or of dicts
-    with "prompt" (or "text"); ``.jsonl``: one dict (its fields are the metadata) or string per line;
-    ``.txt``/``.text``: one prompt per non-blank line, stripped.
-    """
-    p = Path(path)
-    if p.is_dir():
-        found = next((p / n for n in PROMPT_FILE_ORDER if (p / n).is_file()), None)
-        if found is None:
-            raise FileNotFoundError(
-                f"prompt directory {p} has none of {list(PROMPT_FILE_ORDER)} "
-                "(config eval.prompt_file / eval.dataset_map, relative to data.dataset_dir)"
-            )
-        p = found
-    if not p.is_file():
-        raise FileNotFoundError(
-            f"prompt file {p} not found (config eval.prompt_file / eval.dataset_map, relative "
-            "to data.dataset_dir; the repo ships copies under data/prompts)"
-        )
-
-    def record(value: Any, where: str) -> dict[str, Any]:
-        if isinstance(value, str):
-            return {"prompt": value}
-        if isinstance(value, dict) and isinstance(value.get("prompt", value.get("text")), str):
-            return {**value, "prompt": value.get("prompt", value.get("text"))}
-        raise ValueError(f"{where}: expected a prompt string or an object with 'prompt' (or 'text')")
-
-    suffix = p.suffix.lower()
-    if suffix == ".json":
-        data = json.loads(p.read_text())
-        if not isinstance(data, list) or not data:
-            raise ValueError(f"{p}: a .json prompt file must hold a non-empty list")
-        return [record(v, f"{p} item {i}") for i, v in enumerate(data)]
-    if suffix == ".jsonl":
-        return [
-            record(json.loads(line), f"{p} line {i + 1}")
-            for i, line in enumerate(p.read_text().splitlines())
-            if line.strip()
-        ]
-    if suffix in (".txt", ".text"):
-        return [{"prompt": line.strip()} for line in p.read_text().splitlines() if line.strip()]
-    raise ValueError(f"{p}: unsupported prompt file type {suffix!r} (use .txt, .jsonl or .json)")
-
-
-def dataset_token(name: str) -> str:
-    """File-name token of a prompt set: extension dropped, "/" and " " -> "_", other odd characters -> "_"."""
-    stem = re.sub(r"\.(txt|text|jsonl|json)$", "", name.strip())
-    tok = re.sub(r"[^A-Za-z0-9._-]", "_", stem.replace("/", "_").replace(" ", "_")).strip(".")
-    return tok or "default"
-
-
-@dataclass(frozen=True)
-class PromptSet:
-    """One eval prompt set and the rewards scored on it.
-
-    Attributes:
-        name: the dataset key (a prompt-file path relative to data.dataset_dir, or "shapes_test" / "inline").
-        token: file-name token of its images.
-        records: prompt records (GenEval-style metadata where the file has it).
-        rewards: eval reward names routed to this set.
-    """
-
-    name: str
-    token: str
-    records: tuple[dict[str, Any], ...]
-    rewards: tuple[str, ...]
-
-    def file_name(self, index: int) -> str:
-        return f"{self.token}_{index:06d}.png"
-
-
-def eval_prompt_sets(cfg: Config) -> list[PromptSet]:
-    """The prompt sets of ``cfg`` in routing order, each capped at ``eval.num_prompts`` (0 = all)."""
-    e, names = cfg.eval, list(cfg.eval.reward_weights)
-    if cfg.data.kind == "shapes":
-        from rtdmd_ray.shapes.prompts import TAGS, balanced_eval_prompts, test_prompts
-
-        n = e.num_prompts or 600
-        recs = balanced_eval_prompts(test_prompts(0), max(1, n // len(TAGS)), e.seed)
-        return [PromptSet(SHAPES_DATASET, SHAPES_DATASET, tuple(recs), tuple(names))]
-    from rtdmd_ray.rewards.multi import route_rewards_to_datasets
-
-    cap = e.num_prompts or None
-    if cfg.data.kind == "inline" and not e.prompt_file and not e.dataset_map:
-        recs = tuple({"prompt": p} for p in cfg.data.prompts[:cap])
-        return [PromptSet("inline", "inline", recs, tuple(names))]
-    base = resolve_path(cfg.data.dataset_dir)
-    sets, tokens = [], set()
-    for ds, rewards in route_rewards_to_datasets(names, e.dataset_map, e.prompt_file).items():
-        recs = read_prompt_file(resolve_path(ds, base))[:cap]
-        token = dataset_token(ds)
-        while token in tokens:
-            token += "_"
-        tokens.add(token)
-        sets.append(PromptSet(ds, token, tuple(recs), tuple(rewards)))
-    return sets
-
-
-def grid_selection(sets: Sequence[PromptSet], count: int) -> list[tuple[int, int]]:
-    """``count`` (set position, prompt index) pairs evenly spaced over all prompts, for the report grid."""
-    flat = [(si, i) for si, s in enumerate(sets) for i in range(len(s.records))]
-    if count <= 0 or not flat:
-        return []
-    if count >= len(flat):
-        return flat
-    return [flat[math.floor(k * len(flat) / count)] for k in range(count)]
 
 
 # --------------------------------------------------------------------------------------- rows
@@ -251,155 +129,6 @@ def build_rows(cfg: Config) -> list[Row]:
     return rows
 
 
-# --------------------------------------------------------------------------------------- the worker
-class EvalWorker:
-    """A Ray eval worker: loads a row's model (the base once, LoRA stacks merged and undone per row),
-    generates PNGs for (prompt, seed) batches, and scores images with the eval rewards (scorers built on
-    first use).
-
-    Args:
-        threads: torch CPU threads (None: leave torch's default).
-    """
-
-    def __init__(self, *, threads: int | None = None) -> None:
-        import torch
-
-        from rtdmd_ray.inference import BaseWeights
-
-        if threads:
-            torch.set_num_threads(threads)
-        self.base = BaseWeights()
-        self.pipe: Any = None
-        self.row_hash = ""
-        self.scorers: dict[tuple[str, str], Any] = {}
-
-    def load(self, row_cfg: Config, row_hash: str) -> dict[str, Any]:
-        """Load ``row_cfg``'s model (LoRA stack merged); returns its description."""
-        from rtdmd_ray.inference import InferencePipeline
-
-        self.pipe = InferencePipeline.from_config(row_cfg, base=self.base)
-        self.row_hash = row_hash
-        return self.pipe.describe()
-
-    def generate(self, prompts: list[str], seeds: list[int]) -> tuple[list[bytes], float]:
-        """PNG bytes (with prompt / seed / config hash text chunks) for each prompt, and the seconds taken."""
-        from rtdmd_ray.inference import encode_png, to_uint8
-
-        if self.pipe is None:
-            raise RuntimeError("EvalWorker.generate before load()")
-        t0 = time.perf_counter()
-        images = to_uint8(self.pipe.generate(prompts, seeds))
-        pngs = [
-            encode_png(im, {PNG_PROMPT_KEY: p, PNG_SEED_KEY: str(s), PNG_HASH_KEY: self.row_hash})
-            for im, p, s in zip(images, prompts, seeds, strict=True)
-        ]
-        return pngs, time.perf_counter() - t0
-
-    def _scorer(self, name: str, r: RewardsConfig) -> Any:
-        """The scorer ``name`` built from the ``rewards`` section ``r`` (cached per name and settings)."""
-        key = (name, repr((r.device_for(name), r.ckpt_dir, sorted(dict(r.options.get(name, {})).items()))))
-        if key not in self.scorers:
-            from rtdmd_ray.rewards import build_scorer
-
-            device = r.device_for(name)
-            if device == "auto":
-                from rtdmd_ray.inference import default_device
-
-                device = default_device().type
-            opts = {
-                k: (
-                    str(resolve_path(v))
-                    if k == "model" and isinstance(v, str) and resolve_path(v).exists()
-                    else v
-                )
-                for k, v in dict(r.options.get(name, {})).items()
-            }
-            self.scorers[key] = build_scorer(name, ckpt_dir=r.ckpt_dir or None, device=device, **opts)
-        return self.scorers[key]
-
-    def prepare(self, rewards: list[str], rewards_cfg: RewardsConfig) -> list[str]:
-        """Build the scorers up front, so a missing reward model fails before any image is generated."""
-        for name in rewards:
-            self._scorer(name, rewards_cfg)
-        return list(rewards)
-
-    def score(
-        self,
-        pngs: list[bytes],
-        prompts: list[str],
-        metadata: list[dict[str, Any]],
-        rewards: list[str],
-        rewards_cfg: RewardsConfig,
-    ) -> tuple[dict[str, dict[str, list[float]]], float]:
-        """``{reward: {key: [B] floats}}`` for the decoded PNGs, and the seconds taken.
-
-        ``rewards_cfg`` (the config's ``rewards`` section) sets each scorer's device, checkpoint root, options
-        and images per call."""
-        import io
-
-        from PIL import Image
-
-        from rtdmd_ray.inference import from_uint8
-        from rtdmd_ray.rewards._common import chunks
-
-        t0 = time.perf_counter()
-        arrays = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in pngs]
-        images = from_uint8(arrays)
-        out: dict[str, dict[str, list[float]]] = {}
-        for name in rewards:
-            scorer = self._scorer(name, rewards_cfg)
-            parts: dict[str, list[float]] = {}
-            for sl in chunks(len(prompts), rewards_cfg.batch_images.get(name)):
-                res = scorer(images[sl], prompts[sl], metadata[sl])
-                if name not in res:
-                    raise KeyError(f"scorer {name!r} returned keys {sorted(res)} without its own name")
-                for k, v in res.items():
-                    parts.setdefault(k, []).extend(
-                        float(x) for x in np.asarray(v, dtype=np.float64).reshape(-1)
-                    )
-            out[name] = parts
-        return out, time.perf_counter() - t0
-
-
-# --------------------------------------------------------------------------------------- scheduling
-def run_queue(
-    workers: Sequence[Any],
-    jobs: Iterable[Any],
-    submit: Callable[[Any, Any], Any],
-    on_result: Callable[[Any, Any], None],
-    *,
-    what: str,
-    in_flight_per_worker: int = 2,
-    timeout_s: float = BATCH_TIMEOUT_S,
-) -> None:
-    """Give each free worker the next job (``submit(worker, job) -> ObjectRef``) and hand every result to
-    ``on_result(job, result)`` as it arrives. Two jobs per worker are in flight, so none waits for the
-    driver."""
-    import ray
-
-    it = iter(jobs)
-    pending: dict[Any, tuple[Any, Any]] = {}
-
-    def push(w: Any) -> None:
-        job = next(it, None)
-        if job is not None:
-            pending[submit(w, job)] = (w, job)
-
-    for _ in range(in_flight_per_worker):
-        for w in workers:
-            push(w)
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1, timeout=timeout_s)
-        if not done:
-            raise TimeoutError(
-                f"{what}: no batch finished within {timeout_s:.0f} s ({len(pending)} in flight); "
-                "check the eval workers' logs"
-            )
-        w, job = pending.pop(done[0])
-        on_result(job, ray.get(done[0]))
-        push(w)
-
-
 def _progress(total: int, desc: str, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
@@ -435,7 +164,7 @@ def scorer_key(name: str, rewards: RewardsConfig) -> str:
     """12 hex digits identifying how reward ``name`` scores: its options (a local model dir by a fingerprint
     of its files) and checkpoint root. Recorded with every score; resume reuses only scores with the same
     key."""
-    from rtdmd_ray.inference import dir_fingerprint
+    from rtdmd_ray.stages.inference import dir_fingerprint
 
     opts = {}
     for k, v in sorted(dict(rewards.options.get(name, {})).items()):
@@ -564,7 +293,7 @@ def _start_ray(cfg: Config, address: str | None) -> None:
 
 
 def _create_workers(cfg: Config) -> Any:
-    from rtdmd_ray.groups import RoleResources, create_actor_group
+    from rtdmd_ray.roles.groups import RoleResources, create_actor_group
 
     r = cfg.resources.eval_worker
     res = RoleResources(
@@ -658,7 +387,7 @@ def run_eval(
     try:
         needed = sorted({r for todo in todo_score.values() for t in todo for r in t[2]})
         if needed and workers:
-            from rtdmd_ray.groups import gather
+            from rtdmd_ray.roles.groups import gather
 
             gather(
                 [w.prepare.remote(needed, cfg.rewards) for w in workers],
@@ -671,7 +400,7 @@ def run_eval(
             _generate_row(list(workers or []), st, todo_gen[st.row.name], progress)
             _score_row(list(workers or []), st, todo_score[st.row.name], cfg, progress)
             _compact_records(st)
-        from rtdmd_ray.groups import STOP_GRACE_S
+        from rtdmd_ray.roles.groups import STOP_GRACE_S
 
         grace_s = STOP_GRACE_S  # every row done: the workers exit on their own
     finally:
@@ -681,7 +410,7 @@ def run_eval(
     metadata = _metadata(cfg, rows, states, sets, out)
     (out / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str))
     if report:
-        from rtdmd_ray.report import write_report
+        from rtdmd_ray.eval.report import write_report
 
         path = write_report(out, metadata)
         print(f"eval: wrote {out / METADATA_FILE} and {path}")
@@ -729,7 +458,7 @@ def _generate_row(
 ) -> None:
     if not todo:
         return
-    from rtdmd_ray.groups import gather
+    from rtdmd_ray.roles.groups import gather
 
     row = st.row
     gather(
@@ -835,7 +564,7 @@ def _score_row(
 def _metadata(
     cfg: Config, rows: Sequence[Row], states: Sequence[RowState], sets: Sequence[PromptSet], out: Path
 ) -> dict[str, Any]:
-    from rtdmd_ray.inference import SamplerSettings, model_identity
+    from rtdmd_ray.stages.inference import SamplerSettings, model_identity
 
     e = cfg.eval
     rows_out = []

@@ -15,20 +15,12 @@ One epoch on a rank (``RLUpdate.run_epoch``), on the rank's shard of the epoch's
    micro-batches per optimiser step x |P ∪ A|``: gradient accumulation to one optimiser step per epoch by
    default, the EMA once per optimiser step.
 
-The RL adapter stack (``RLLearnerState``): the reference merges the cold-start LoRA into the base and trains a
-fresh LoRA on top (§3.1). Here the teacher is the base itself (one copy of the weights per rank), so merging
-is not an option; instead the cold-start LoRA is loaded into a *frozen* adapter ``<role>_init`` and the fresh
-trainable adapter ``<role>`` sits beside it; their deltas add, ``W + dW_init + dW_rl``, which is the merged
-model up to the merge's rounding. Only ``<role>`` is trained, checkpointed and synced to samplers.
-
-``RLLearner`` (the learner role's RL verbs) and ``RLLearnerGroup`` sit at the end of this file; the group is
-the only part that imports Ray.
+The RL adapter stack (``RLLearnerState``, a frozen cold-start adapter under the trained one) is in
+``rl_state.py``; the learner actor that runs this update is ``roles/learner.py``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,7 +30,6 @@ import torch.distributed as dist
 from rtdmd_ray.algorithms import acdmd
 from rtdmd_ray.algorithms.bp import hinge_reward_loss
 from rtdmd_ray.algorithms.cps import CPSStep, cps_step, predict_x0, sde_step
-from rtdmd_ray.algorithms.ema import EMA
 from rtdmd_ray.algorithms.grpo import (
     compute_advantages,
     ppo_loss,
@@ -50,188 +41,14 @@ from rtdmd_ray.config import (
     DMDConfig,
     GRPOConfig,
     LastStepLossConfig,
-    LoRAConfig,
     ModelConfig,
     RewardsConfig,
     SamplingConfig,
-    SolversConfig,
     TrainConfig,
-    resolve_path,
 )
-from rtdmd_ray.learner import Learner, RankCalls, _has_gpu
-from rtdmd_ray.learner_state import ROLES, DistContext, LearnerState, Stopwatch, to_local
-from rtdmd_ray.models.lora import (
-    add_lora,
-    load_lora_file,
-    load_lora_state,
-    lora_parameters,
-    reinit_adapter,
-    use_adapters_now,
-)
+from rtdmd_ray.stages.learner_state import DistContext, LearnerState, Stopwatch, to_local
+from rtdmd_ray.stages.rl_state import RLLearnerState
 from rtdmd_ray.types import RolloutBatch, ScoredBatch
-
-INIT_SUFFIX = "_init"
-
-
-# ------------------------------------------------------------------------------------ adapter stacks (§3.1)
-def init_adapter_name(role: str) -> str:
-    return f"{role}{INIT_SUFFIX}"
-
-
-def stacks_init_adapter(lora: LoRAConfig) -> bool:
-    """True when ``lora`` asks for the reference's "merge the loaded LoRA, train a fresh one" start."""
-    return lora.merge_before_training and bool(lora.load_path)
-
-
-def add_frozen_init_adapter(
-    transformer: torch.nn.Module, role: str, lora: LoRAConfig, *, default_targets: Sequence[str]
-) -> str:
-    """Load ``lora.load_path`` (the cold-start LoRA) into a frozen adapter ``<role>_init``; returns its name.
-
-    The adapter takes the file's own rank/alpha/targets (falling back to ``lora``'s), so a cold-start LoRA of
-    another rank than the RL LoRA stacks correctly.
-    """
-    path = resolve_path(lora.load_path)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"model.*_lora.load_path {path} does not exist: run the cold start first "
-            "(rtdmd-ray cold-start ...) or point load_path at its checkpoint's LoRA"
-        )
-    lf = load_lora_file(path, rank=lora.rank, alpha=lora.alpha)
-    name = init_adapter_name(role)
-    add_lora(
-        transformer,
-        name,
-        targets=lf.target_modules or list(default_targets),
-        rank=lf.rank,
-        alpha=lf.alpha,
-        init="gaussian",
-        seed=0,
-    )
-    load_lora_state(transformer, name, lf.tensors, strict=lora.load_strict)
-    for p in lora_parameters(transformer, name):
-        p.requires_grad_(False)
-    return name
-
-
-def build_sampler_generator(
-    transformer: torch.nn.Module, model: ModelConfig, *, seed: int
-) -> tuple[str, ...]:
-    """Give a sampler's transformer the generator's adapter stack (as ``RLLearnerState`` builds it) and
-    activate it; returns the active adapter names. The trainable adapter's values arrive by weight sync
-    (version 0 at start), so only its shape has to match the learner's."""
-    lora = model.generator_lora
-    if not lora.enabled:
-        raise ValueError("model.generator_lora.enabled is false: the RL stage trains a generator LoRA")
-    targets = model.lora_targets("generator")
-    stack: tuple[str, ...] = ("generator",)
-    if stacks_init_adapter(lora):
-        stack = (
-            add_frozen_init_adapter(transformer, "generator", lora, default_targets=targets),
-            "generator",
-        )
-    add_lora(
-        transformer,
-        "generator",
-        targets=targets,
-        rank=lora.rank,
-        alpha=lora.alpha,
-        init=lora.init,
-        seed=seed + 1,
-    )
-    for p in lora_parameters(transformer, "generator"):
-        p.requires_grad_(False)  # samplers never train
-    use_adapters_now(transformer, list(stack))
-    return stack
-
-
-class RLLearnerState(LearnerState):
-    """``LearnerState`` with the RL adapter stacks: ``velocity("generator")`` runs ``generator_init +
-    generator`` (and likewise for the fake score) when ``merge_before_training`` loads a cold-start LoRA.
-
-    The fresh trainable adapters are re-initialised with ``lora.reinit_a_std`` (B = 0, so the RL start equals
-    the cold-start model exactly) from a seed shared by all ranks, and the EMA starts from them.
-    """
-
-    def __init__(
-        self,
-        *,
-        model: ModelConfig,
-        solver: SolversConfig,
-        train: TrainConfig,
-        parallelism: str,
-        rank: int = 0,
-        world_size: int = 1,
-        device: str = "cpu",
-    ):
-        stacked = {role: stacks_init_adapter(getattr(model, f"{role}_lora")) for role in ROLES}
-        fresh = {role: getattr(model, f"{role}_lora").merge_before_training for role in ROLES}
-        if any(stacked.values()) and parallelism != "ddp":
-            raise ValueError(
-                "the RL stage stacks the cold-start LoRA as a frozen adapter, which is added after "
-                "the learner state is built; that works with resources.learner_parallelism: ddp "
-                "only (fsdp2 would need the adapter injected before fully_shard)"
-            )
-        plain = {
-            f"{role}_lora": dataclasses.replace(
-                getattr(model, f"{role}_lora"),
-                merge_before_training=False,
-                load_path="" if stacked[role] else getattr(model, f"{role}_lora").load_path,
-            )
-            for role in ROLES
-        }
-        super().__init__(
-            model=dataclasses.replace(model, **plain),
-            solver=solver,
-            train=train,
-            parallelism=parallelism,
-            rank=rank,
-            world_size=world_size,
-            device=device,
-        )
-        self.stacks: dict[str, tuple[str, ...]] = {role: (role,) for role in ROLES}
-        t = self.transformer
-        for i, role in enumerate(ROLES):
-            lora: LoRAConfig = getattr(model, f"{role}_lora")
-            if stacked[role]:
-                name = add_frozen_init_adapter(t, role, lora, default_targets=model.lora_targets(role))
-                self.stacks[role] = (name, role)
-            if fresh[role]:
-                g = torch.Generator().manual_seed(train.seed + 101 + i)  # identical on every rank
-                reinit_adapter(t, role, a_std=lora.reinit_a_std, generator=g)
-        if any(fresh.values()) and self.ema is not None:
-            self.ema = EMA(self.ema_named_params())
-        # torch's global CPU generator starts from a per-process random seed; training draws from `control`
-        # and `local`, but a library may draw from the global one, and the checkpoint records it: seed it per
-        # rank so a resumed job's global stream (and its checkpoint) equals the uninterrupted job's
-        torch.manual_seed(train.seed * 1_000_003 + 104_729 * (rank + 1))
-        # the generator LoRA before the last update (policy v(e-1)), kept when grpo.max_policy_lag > 0: a
-        # pipelined run sampled epoch e with it, so a resumed run must too to be bit-exact
-        self.previous_generator: dict[str, torch.Tensor] | None = None
-
-    def aux_state(self) -> dict[str, Any]:
-        aux = super().aux_state()
-        if self.previous_generator is not None:
-            aux["previous_generator"] = self.previous_generator
-        return aux
-
-    def load_state(self, tensors: dict[str, torch.Tensor], aux: dict[str, Any]) -> None:
-        super().load_state(tensors, aux)
-        self.previous_generator = aux.get("previous_generator")
-
-    def velocity(
-        self,
-        adapters: Any,
-        x: torch.Tensor,
-        sigma: torch.Tensor,
-        cond: Any,
-        guidance: float = 1.0,
-        uncond: Any = None,
-    ) -> torch.Tensor:
-        """As ``LearnerState.velocity``; a role name runs the role's whole adapter stack."""
-        if isinstance(adapters, str):
-            adapters = list(self.stacks.get(adapters, (adapters,)))
-        return super().velocity(adapters, x, sigma, cond, guidance=guidance, uncond=uncond)
 
 
 # ------------------------------------------------------------------------------------ gathers (§3.5)
@@ -684,15 +501,12 @@ class RLUpdate:
         return m
 
 
-# ------------------------------------------------------------------------------------ the learner role's RL
-# verbs
 def bp_scorer_fn(last_step_loss: LastStepLossConfig, rewards: RewardsConfig, device: str) -> Any:
     """The differentiable reward ``R = sum_k w_k r_k(images)`` of ``last_step_loss.bp.reward_weights``."""
     bp = last_step_loss.bp
     if not bp.enabled:
         return None
-    from rtdmd_ray.reward import resolve_scorer_options
-    from rtdmd_ray.rewards.multi import MultiScorer
+    from rtdmd_ray.rewards.multi import MultiScorer, resolve_scorer_options
 
     ms = MultiScorer(
         dict(bp.reward_weights),
@@ -710,202 +524,3 @@ def bp_scorer_fn(last_step_loss: LastStepLossConfig, rewards: RewardsConfig, dev
 def learner_sigmas(state: LearnerState, model: ModelConfig, sampling: SamplingConfig) -> list[float]:
     steps = tuple(sampling.denoising_step_list[: sampling.num_steps])
     return list(state.backbone.sigma_schedule(steps, model.resolution_px))
-
-
-class RLLearner(Learner):
-    """One learner rank of the RL stage: ``Learner`` plus the RL verbs (``update``, weight sync, inspection).
-
-    Args (beyond ``Learner``'s): grpo, last_step_loss: config slices; micro_batches_per_epoch,
-    micro_batches_per_step: the derived accumulation counts (``Config`` properties).
-    """
-
-    def __init__(
-        self,
-        *,
-        grpo: GRPOConfig,
-        last_step_loss: LastStepLossConfig,
-        micro_batches_per_epoch: int,
-        micro_batches_per_step: int,
-        **learner_kwargs: Any,
-    ):
-        super().__init__(**learner_kwargs)
-        self.grpo, self.lsl = grpo, last_step_loss
-        self.micro_batches_per_epoch, self.micro_batches_per_step = (
-            micro_batches_per_epoch,
-            micro_batches_per_step,
-        )
-        self.rl: RLUpdate | None = None
-        self.sender: Any = None
-        self._crash = False
-
-    stage = "rtdmd"  # checkpoints: Learner.save_checkpoint / load_checkpoint with RL meta
-
-    def checkpoint_meta(self) -> dict[str, Any]:
-        epoch = self.state.iteration  # epochs done = generator updates = the policy version
-        return {
-            "epoch": epoch,
-            "policy_version": epoch,
-            "prompts_consumed": epoch * self.grpo.prompts_per_epoch,
-            "adapter_stacks": {role: list(stack) for role, stack in self.state.stacks.items()},
-        }
-
-    def setup(self) -> dict[str, Any]:
-        device = "cuda" if _has_gpu() else "cpu"
-        self.state = RLLearnerState(
-            model=self.model,
-            solver=self.solver,
-            train=self.train,
-            parallelism=self.parallelism,
-            rank=self.rank,
-            world_size=self.world_size,
-            device=device,
-        )
-        sigmas = learner_sigmas(self.state, self.model, self.sampling)
-        self.rl = RLUpdate(
-            state=self.state,
-            grpo=self.grpo,
-            last_step_loss=self.lsl,
-            sampling=self.sampling,
-            dmd=self.dmd,
-            ac_dmd=self.ac_dmd,
-            train=self.train,
-            rewards=self.rewards,
-            micro_batches_per_epoch=self.micro_batches_per_epoch,
-            micro_batches_per_step=self.micro_batches_per_step,
-            sigmas=sigmas,
-            bp_scorer=bp_scorer_fn(self.lsl, self.rewards, device),
-        )
-        return {
-            "device": device,
-            "sigmas": sigmas,
-            "stacks": dict(self.state.stacks),
-            "trainable_params": {
-                r: sum(p.numel() for p in o.params) for r, o in self.state.optimizers.items()
-            },
-        }
-
-    def update(
-        self, epoch: int, spans: list[tuple[int, int]], scores: ScoredBatch, *batches: RolloutBatch
-    ) -> dict[str, float]:
-        """Train epoch ``epoch`` on this rank's shard: rows ``spans[i]`` of ``batches[i]`` (Ray resolves the
-        batch refs passed as arguments), scored by ``scores`` in the same order."""
-        if self._crash:  # test hook: die mid-epoch, as a crashed rank would (the other ranks block in gloo)
-            import os
-
-            os._exit(1)
-        t0 = time.perf_counter()
-        shard = RolloutBatch.cat([b.index(slice(lo, hi)) for b, (lo, hi) in zip(batches, spans, strict=True)])
-        t_fetch = time.perf_counter() - t0
-        if self.grpo.max_policy_lag:  # collective under fsdp2: every rank takes the snapshot
-            self.state.previous_generator = self.state.full_lora("generator")
-        m = self.rl.run_epoch(shard, scores, epoch, max_policy_lag=self.grpo.max_policy_lag)
-        m["timing/learner_fetch_s"] = t_fetch
-        m["timing/learner_update_s"] = time.perf_counter() - t0
-        return m
-
-    # ---------------------------------------------------------- weight sync (rank 0 sends)
-    def open_weight_sync(
-        self, transport: str, num_receivers: int, bucket_mib: float, timeout_s: float
-    ) -> Any:
-        from rtdmd_ray.weight_sync import WeightSender
-
-        if self.rank != 0:
-            return None
-        if self.sender is None or self.sender.transport != transport:
-            self.sender = WeightSender(transport=transport, bucket_mib=bucket_mib, timeout_s=timeout_s)
-        return self.sender.open(num_receivers)
-
-    def send_weights(self, version: int, previous: bool = False) -> Any:
-        """Every rank gathers the generator LoRA (a collective under fsdp2); rank 0 posts it as
-        ``version``. ``previous``: the LoRA before the last update instead (a pipelined run's resume)."""
-        if previous:
-            tensors = self.state.previous_generator
-            if tensors is None:
-                raise RuntimeError("no previous generator LoRA: the checkpoint was not written with "
-                                   "grpo.max_policy_lag > 0")
-        else:
-            tensors = self.state.full_lora("generator")
-        if self.rank != 0:
-            return None
-        return self.sender.send(tensors, version)
-
-    def finish_send(self) -> None:
-        if self.sender is not None:
-            self.sender.wait()
-
-    def last_advantages(self) -> tuple[list[str], torch.Tensor] | None:
-        return self.rl.last_advantages
-
-    def policy_version(self) -> int:
-        return self.state.iteration
-
-    def crash_on_next_update(self) -> None:
-        """Test hook (learner-failure tests): the next ``update`` kills this rank's process, as a crash
-        would; the job must end with ``LearnerFailure`` (a rank cannot rejoin its process group)."""
-        self._crash = True
-
-
-class RLLearnerGroup(RankCalls):
-    """The RL learner ranks (``groups.create_learner_group`` applies ``resources.learner``); one call per
-    phase.
-
-    Args:
-        cfg: the whole config: this is the one place that maps its sections onto the rank actors.
-    """
-
-    def __init__(self, cfg: Any, *, timeout_s: float = 3600.0):
-        self.start_ranks(cfg, RLLearner, timeout_s=timeout_s, extra_kwargs={
-            "grpo": cfg.grpo,
-            "last_step_loss": cfg.last_step_loss,
-            "micro_batches_per_epoch": cfg.micro_batches_per_rank_per_epoch,
-            "micro_batches_per_step": cfg.micro_batches_per_optimizer_step,
-        })
-
-    def update(self, epoch: int, jobs: Sequence[Any], scores: ScoredBatch) -> dict[str, float]:
-        """Train epoch ``epoch``: the concatenation of ``jobs``' rollouts (in order) is split into equal
-        contiguous rank shards; each rank receives only the rollout refs its shard touches. Returns rank 0's
-        metrics."""
-        total = sum(j.num_images for j in jobs)
-        if total % self.world_size:
-            raise ValueError(f"{total} samples do not split over {self.world_size} learner ranks")
-        n = total // self.world_size
-        starts = [0]
-        for j in jobs:
-            starts.append(starts[-1] + j.num_images)
-
-        def call(rank: int, actor: Any) -> Any:
-            lo, hi = rank * n, (rank + 1) * n
-            picked = [
-                (i, max(lo, starts[i]) - starts[i], min(hi, starts[i + 1]) - starts[i])
-                for i in range(len(jobs))
-                if starts[i] < hi and starts[i + 1] > lo
-            ]
-            spans = [(a, b) for _, a, b in picked]
-            refs = [jobs[i].rollout_ref for i, _, _ in picked]
-            return actor.update.remote(epoch, spans, scores.index(slice(lo, hi)), *refs)
-
-        self.progress = f"epoch {epoch}"
-        return self.map_ranked(call, what=f"learner update {epoch}")[0]
-
-    def save_checkpoint(self, output_dir: str, keep_last: int) -> str:
-        """Every rank writes its part; returns the checkpoint directory (``checkpoint.py`` layout)."""
-        return self.call("save_checkpoint", output_dir, keep_last)[0]
-
-    def load_checkpoint(self, path: str) -> int:
-        """Restore every rank from ``path``; returns the epoch to continue from."""
-        epochs = self.call("load_checkpoint", path)
-        if len(set(epochs)) != 1:
-            raise RuntimeError(f"learner ranks resumed at different epochs {epochs} from {path}")
-        self.progress = f"epoch {epochs[0]}"
-        return epochs[0]
-
-    def evaluate(self, image_path: str | None = None) -> dict[str, float]:
-        """Eval metrics of the (EMA) generator stack, identical on every rank (``eval_hooks.EvalHook``)."""
-        return self.call("evaluate", image_path)[0]
-
-    def call(self, method: str, *args: Any) -> list[Any]:
-        """Every rank's result of ``method(*args)`` (inspection: ``lora``, ``last_advantages``, ...)."""
-        return self.map(lambda a: getattr(a, method).remote(*args), what=method)
-
-    def shutdown(self, grace_s: float = 0.0) -> None:
-        self.group.shutdown(grace_s)

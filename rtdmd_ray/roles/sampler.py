@@ -175,17 +175,16 @@ class RolloutWorker:
         threads: int = 1,
         record_noise: bool = False,
     ):
-        from rtdmd_ray.learner import _has_gpu
-        from rtdmd_ray.learner_state import TORCH_DTYPES
         from rtdmd_ray.models import build_backbone
         from rtdmd_ray.models.lora import lora_state
-        from rtdmd_ray.rl_step import build_sampler_generator
-        from rtdmd_ray.weight_sync import WeightReceiver
+        from rtdmd_ray.roles.weight_sync import WeightReceiver
+        from rtdmd_ray.stages.learner_state import TORCH_DTYPES, has_gpu
+        from rtdmd_ray.stages.rl_state import build_sampler_generator
 
         torch.set_num_threads(max(1, threads))
         self.model, self.sampling, self.grpo, self.train = model, sampling, grpo, train
         self.sampler_id, self.record_noise = sampler_id, record_noise
-        self.device = torch.device("cuda" if _has_gpu() else "cpu")
+        self.device = torch.device("cuda" if has_gpu() else "cpu")
         # the learner builds the same base from the same seed (tiny models) or the same files
         self.backbone = build_backbone(
             model.backbone,
@@ -369,7 +368,7 @@ class SamplerGroup:
     """
 
     def __init__(self, cfg: Any, *, record_noise: bool = False, timeout_s: float = 600.0):
-        from rtdmd_ray.groups import RoleResources, create_actor_group
+        from rtdmd_ray.roles.groups import RoleResources, create_actor_group
 
         r = cfg.resources.sampler
         res = RoleResources(
@@ -480,7 +479,7 @@ class SamplerGroup:
         return out
 
     def join_weight_sync(self, endpoint: Any) -> None:
-        from rtdmd_ray.groups import gather
+        from rtdmd_ray.roles.groups import gather
 
         gather(
             self.group.map_ranked_async(lambda i, a: a.join_weight_sync.remote(endpoint, i + 1)),

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from rtdmd_ray.models.shapes import SHIPPED_CLIP, ShapesBackbone, sample
 from rtdmd_ray.rewards.shapes_geneval import ShapesGenevalScorer
-from rtdmd_ray.shapes.backbone import SHIPPED_CLIP, ShapesBackbone, sample
 from rtdmd_ray.shapes.prompts import TAGS, balanced_eval_prompts, split_prompts
 
 FOUR_STEPS = (1000, 750, 500, 250)

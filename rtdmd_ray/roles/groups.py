@@ -344,7 +344,7 @@ def _serve_master_store(actor: Any, timeout_s: float) -> tuple[str, int]:
     """On rank 0: serve a TCPStore on a free port (kept on the actor) and return ``(ip, port)``."""
     import torch.distributed as dist
 
-    from rtdmd_ray.weight_sync import node_ip
+    from rtdmd_ray.roles.weight_sync import node_ip
 
     addr = node_ip()
     store = dist.TCPStore(addr, 0, None, True, datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
