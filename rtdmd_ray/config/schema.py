@@ -45,7 +45,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 # libyaml's loader when present (same YAML 1.1 resolution as the pure-Python SafeLoader, several times faster)
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
