@@ -1,7 +1,7 @@
 """The schema: one frozen section class per YAML section, ``Config`` on top, and ``resolve_path``.
 
 Over 600 lines on purpose: this is the whole schema in one place, one class per section whose docstring
-``Attributes:`` are the field documentation (they become the comments of ``rtdmd-ray print-config --dump``
+``Attributes:`` are the field documentation (they become the comments of ``dump_yaml(cfg, comments=True)``
 and configs/reference.yaml); splitting it would scatter one table. The classes are pydantic v2 dataclasses
 (fieldtypes.section: frozen, unknown keys forbidden) and still ``dataclasses`` dataclasses, so
 ``dataclasses.fields`` / ``replace``, hashing and equality work as before. Derived values are properties
@@ -37,6 +37,7 @@ from rtdmd_ray.config.rules import check
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
+
 @section
 class LoRAConfig:
     """LoRA adapter of one trainable role (spec §4.3, §3.1).
@@ -70,6 +71,7 @@ class LoRAConfig:
     def scale(self) -> float:
         """The adapter scaling alpha / rank."""
         return self.alpha / self.rank
+
 
 @section
 class ModelConfig:
@@ -111,6 +113,7 @@ class ModelConfig:
         lora = self.generator_lora if role == "generator" else self.fake_score_lora
         return lora.target_modules or DEFAULT_LORA_TARGETS[self.family]
 
+
 @section
 class SamplingConfig:
     """The few-step CPS sampler of the generator (spec §1.1, §1.3), shared by cold start, RL rollouts and
@@ -132,6 +135,7 @@ class SamplingConfig:
     def stochastic_steps(self) -> int:
         """Steps with injected noise: all but the last, which lands on sigma = 0 deterministically."""
         return self.num_steps - 1
+
 
 @section
 class DMDConfig:
@@ -163,6 +167,7 @@ class DMDConfig:
     gradient_normalization: Bool = True
     normalization: Literal["reference", "clean"] = "reference"
     stop_loss_weights: Tuple[Float] = ()
+
 
 @section
 class ACDMDConfig:
@@ -215,6 +220,7 @@ class ACDMDConfig:
     consistency_two_sample: Bool = True
     consistency_stopgrad_transitions: Bool = True
 
+
 @section
 class StepSelectionConfig:
     """SubGRPO step selection with prompt-seeded shared noise at the other steps (spec §3.3).
@@ -237,6 +243,7 @@ class StepSelectionConfig:
     @property
     def num_candidates(self) -> int:
         return self.range_end - self.range_start + 1
+
 
 @section
 class GRPOConfig:
@@ -296,6 +303,7 @@ class GRPOConfig:
         """Images (trajectories) per epoch: images_per_step x sample_batches_per_epoch."""
         return self.images_per_step * self.sample_batches_per_epoch
 
+
 @section
 class BPConfig:
     """Reward back-propagation through the VAE decode at the deterministic last step (spec §3.7).
@@ -318,6 +326,7 @@ class BPConfig:
     grad_scale: Float = 1e-4
     only_deterministic: Bool = True
     micro_batch_images: Int = 0
+
 
 @section
 class LastStepLossConfig:
@@ -342,6 +351,7 @@ class LastStepLossConfig:
     aux_sample_fraction: Float = 1.0
     bp: BPConfig = field(default_factory=BPConfig)
 
+
 @section
 class SolverConfig:
     """AdamW and its LR schedule (linear warm-up, then constant) for one trainable role.
@@ -364,6 +374,7 @@ class SolverConfig:
     weight_decay: Float = 0.0
     max_grad_norm: Float = 1.0
 
+
 @section
 class SolversConfig:
     """Optimisers per role. The RL stage's generator uses solver.generator too (the reference used grpo.*).
@@ -375,6 +386,7 @@ class SolversConfig:
 
     generator: SolverConfig = field(default_factory=SolverConfig)
     fake_score: SolverConfig = field(default_factory=SolverConfig)
+
 
 @section
 class EMAConfig:
@@ -395,6 +407,7 @@ class EMAConfig:
     interval_steps: Int = 1
     warmup: Bool = False
     update: Literal["per_optimizer_step", "reference"] = "per_optimizer_step"
+
 
 @section
 class TrainConfig:
@@ -426,6 +439,7 @@ class TrainConfig:
     trainable_param_dtype: Literal["fp32", "model"] = "fp32"
     ema: EMAConfig = field(default_factory=EMAConfig)
 
+
 @section
 class RewardsConfig:
     """Training rewards and how the reward pool runs the scorers (spec rewards-inference.md §1-§2).
@@ -450,6 +464,7 @@ class RewardsConfig:
 
     def device_for(self, name: str) -> str:
         return self.devices.get(name, self.device)
+
 
 @section
 class RoleResourcesConfig:
@@ -476,6 +491,7 @@ class RoleResourcesConfig:
     placement: PlacementStrategy = "PACK"
     custom: Map[Float] = field(default_factory=FrozenDict)
 
+
 @section
 class ResourcesConfig:
     """Actor counts and per-actor resources per role, applied where the actors are created (groups.py).
@@ -497,6 +513,7 @@ class ResourcesConfig:
     learner_parallelism: Literal["ddp", "fsdp2"] = "fsdp2"
     fsdp_shard_ranks: Int = 0
 
+
 @section
 class SyncConfig:
     """Learner -> sampler weight sync (LoRA, or full weights when training full).
@@ -510,6 +527,7 @@ class SyncConfig:
     transport: Literal["auto", "nccl", "gloo", "object_store"] = "auto"
     bucket_mib: Int = 256
     timeout_s: Float = 600.0
+
 
 @section
 class DataConfig:
@@ -531,6 +549,7 @@ class DataConfig:
     train_prompt_file: Str = "pickscore/train.txt"
     prompts: Tuple[Str] = ()
     balance_tags: Bool = False
+
 
 @section
 class EvalConfig:
@@ -572,6 +591,7 @@ class EvalConfig:
     log_images: Int = 8
     rows: Map[Tuple[Str]] = field(default_factory=FrozenDict)
 
+
 @section
 class InferenceConfig:
     """LoRA stack of the sample/eval commands (rewards-inference.md §5.6).
@@ -586,6 +606,7 @@ class InferenceConfig:
     lora_paths: Tuple[Str] = ()
     fallback_lora_rank: Int = 32
     fallback_lora_alpha: Float = 64.0
+
 
 @section
 class LoggingConfig:
@@ -608,6 +629,7 @@ class LoggingConfig:
     run_name: Str = ""
     tags: Tuple[Str] = ()
     ray_metrics: Bool = True
+
 
 @section
 class Config:
@@ -739,6 +761,7 @@ class Config:
         if problems:
             raise ConfigError("; ".join(problems))
         return self
+
 
 def resolve_path(path: str | Path, base: str | Path | None = None) -> Path:
     """Absolute form of a config path: relative paths start at ``base`` (default: the repository root)."""
