@@ -14,6 +14,7 @@ from rtdmd_ray.config import (
     Config,
     ConfigError,
     FrozenDict,
+    RewardsConfig,
     apply_overrides,
     config_from_dict,
     dump_yaml,
@@ -369,3 +370,67 @@ def test_error_names_the_file_holding_the_bad_key(tmp_path):
     child = write(tmp_path, "inherit: parent.yaml\ntrain: {seed: 1}\n", "child.yaml")
     msg = error_of(load_config, child)
     assert "parent.yaml" in msg and "child.yaml" not in msg and "'grpo.images_per_promt'" in msg
+
+
+# ------------------------------------------------------------------ the package and pydantic
+def test_sections_stay_dataclasses_validated_on_construction():
+    """The sections are pydantic dataclasses: dataclasses.replace / fields keep working, and a copy or a
+    section built in code is validated like a loaded one (maps become read-only FrozenDicts)."""
+    cfg = load_config(TINY)
+    lsl = dataclasses.replace(cfg.last_step_loss, aux_sample_fraction=0.5)
+    assert lsl.aux_sample_fraction == 0.5 and cfg.last_step_loss.aux_sample_fraction == 1.0
+    assert isinstance(RewardsConfig(weights={"latency": 1}).weights, FrozenDict)
+    assert RewardsConfig(weights={"latency": 1}).weights["latency"] == 1.0
+    with pytest.raises(ValueError):
+        dataclasses.replace(cfg.grpo, images_per_prompt="four")
+    with pytest.raises(ValueError):
+        RewardsConfig(weight={"latency": 1.0})  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        ({"solver": {"generator": {"lr": True}}}, "'solver.generator.lr': expected float, got bool True"),
+        ({"train": {"iterations": "1e2"}}, None),
+        ({"train": {"iterations": float("inf")}}, "'train.iterations': expected int, got float inf"),
+        ({"logging": {"tags": {"a"}}}, "'logging.tags': expected list of str, got set"),
+        ({"eval": {"rows": {"a": ["b", 2]}}}, "'eval.rows.a[1]': expected str (quote it in YAML), got int 2"),
+        ({"rewards": {"options": {"x": {"a": [1]}}}}, "'rewards.options.x.a': expected str | int | float"),
+        ({"rewards": {"weights": {1: 2.0}}}, "'rewards.weights': keys must be strings, got int 1"),
+        ({"grpo": {1: 2}}, "unknown key 'grpo.1'"),
+        ({"stage": "cold_strat"}, "did you mean 'cold_start'"),
+    ],
+)
+def test_lenient_and_strict_conversions_match_the_hand_written_loader(raw, needle):
+    if needle is None:
+        assert config_from_dict(raw, validate=False).train.iterations == 100
+    else:
+        assert needle in error_of(config_from_dict, raw, validate=False)
+
+
+def test_scalar_options_keep_their_yaml_type():
+    cfg = config_from_dict({"rewards": {"options": {"latency": {"a": 1, "b": 1.0, "c": True, "d": "x"}}}},
+                           validate=False)
+    opts = cfg.rewards.options["latency"]
+    assert [type(opts[k]) for k in "abcd"] == [int, float, bool, str]
+    assert isinstance(opts, FrozenDict)
+
+
+def test_first_problem_in_file_order_is_reported():
+    msg = error_of(config_from_dict, {"zz": 1, "grpo": {"images_per_prompt": "x"}}, validate=False)
+    assert msg.startswith("unknown key 'zz'")
+    msg = error_of(config_from_dict, {"grpo": {"images_per_prompt": "x"}, "zz": 1}, validate=False)
+    assert msg.startswith("'grpo.images_per_prompt'")
+
+
+def test_config_package_is_a_foundation_layer():
+    """rtdmd_ray/config/ imports nothing else from rtdmd_ray (so `rtdmd-ray validate` stays light)."""
+    import ast
+
+    pkg = REPO_ROOT / "rtdmd_ray" / "config"
+    for path in sorted(pkg.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            mods = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                    else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for mod in mods:
+                assert not mod.startswith("rtdmd_ray") or mod.startswith("rtdmd_ray.config"), (path.name, mod)
