@@ -5,8 +5,8 @@ raised before anything starts; ``Config.validate()`` checks the cross-field arit
 the message. Files: fieldtypes.py (field types, ``FrozenDict``, the ``section`` decorator), errors.py
 (``ConfigError``, pydantic errors into one-line messages), registries.py (name tables), schema.py (the
 sections and ``Config``), rules.py (cross-field checks), loading.py (YAML, ``inherit``, overrides,
-``load_config``), dump.py (``to_dict``, ``dump_yaml``, ``reference_yaml``). This folder is a foundation
-layer: it imports nothing else from rtdmd_ray (keep it so; `rtdmd-ray validate` must not import torch), and
+``load_config``), dump.py (``to_dict``, ``dump_yaml``, ``reference_yaml``). Layer 0 (a foundation
+layer): it imports nothing else from rtdmd_ray (keep it so; `rtdmd-ray validate` must not import torch), and
 the rest of the package imports it only through this module. Relative paths in a config are relative to the
 repository root (``resolve_path``). Regenerate ``configs/reference.yaml`` with
 ``python -m rtdmd_ray.config reference``.

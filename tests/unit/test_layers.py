@@ -139,7 +139,7 @@ def test_package_root_holds_entry_points_only() -> None:
     assert folders <= set(LAYERS), f"folders without a layer: {folders - set(LAYERS)}"
     for folder in folders:
         doc = ast.get_docstring(ast.parse((PACKAGE / folder / "__init__.py").read_text())) or ""
-        assert "Layer" in doc, f"{folder}/__init__.py: its docstring must say its layer and what it may import"
+        assert "Layer" in doc, f"{folder}/__init__.py: its docstring must say its layer and what it imports"
 
 
 @pytest.mark.parametrize(
