@@ -104,10 +104,9 @@ def eval_prompt_sets(cfg: Config) -> list[PromptSet]:
     """The prompt sets of ``cfg`` in routing order, each capped at ``eval.num_prompts`` (0 = all)."""
     e, names = cfg.eval, list(cfg.eval.reward_weights)
     if cfg.data.kind == "shapes":
-        from rtdmd_ray.shapes.prompts import TAGS, balanced_eval_prompts, test_prompts
+        from rtdmd_ray.shapes.prompts import eval_captions
 
-        n = e.num_prompts or 600
-        recs = balanced_eval_prompts(test_prompts(0), max(1, n // len(TAGS)), e.seed)
+        recs = eval_captions("test", e.num_prompts or 600, e.seed)  # = `shapes eval --seed <e.seed>`
         return [PromptSet(SHAPES_DATASET, SHAPES_DATASET, tuple(recs), tuple(names))]
     from rtdmd_ray.rewards.multi import route_rewards_to_datasets
 

@@ -9,6 +9,11 @@ Colour level: for captions naming colours, the strict check with shapes ignored 
 exactly the requested number of objects). Count level: the number of detected objects equals the number the
 caption asks for. A layout is the multiset of (class, colour, 8-px grid cell of the centre) of the detected
 objects; diversity is the mean number of distinct layouts among a prompt's 4 seeds.
+
+One evaluation path: captions come from ``shapes.prompts.eval_captions(split, n, seed)``, images from
+``stages.inference.sample_images`` (image ``i`` seeded by ``image_seed(seed, i)``) and are scored as 8-bit
+images, exactly as the in-run validation (``stages/validation.py``) and ``rtdmd-ray eval`` do; so a row here
+and the in-run figure of the same adapter, captions and seed agree (tests/unit/test_shapes_eval_path.py).
 """
 
 from __future__ import annotations
@@ -21,10 +26,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from rtdmd_ray.models.shapes import SHIPPED_CLIP, ShapesBackbone, sample
+from rtdmd_ray.models.shapes import SHIPPED_CLIP, ShapesBackbone
 from rtdmd_ray.rewards.shapes_geneval import ShapesGenevalScorer
-from rtdmd_ray.shapes.prompts import TAGS, balanced_eval_prompts, split_prompts
+from rtdmd_ray.shapes.prompts import TAGS, balanced_eval_prompts, eval_captions, split_prompts
+from rtdmd_ray.shapes.render import RESOLUTION_PX
+from rtdmd_ray.stages.inference import eight_bit, image_seed, sample_images
 
+# bump when generation or scoring changes: rows cached in results.json by another version are recomputed
+EVAL_VERSION = 2
 FOUR_STEPS = (1000, 750, 500, 250)
 # (CFG scale, guidance_max_sigma): CFG on every step, or only below sigma 0.8 (a limited guidance interval)
 DEFAULT_CFG_GRID = ((3.0, 1.0), (4.5, 1.0), (6.0, 1.0), (4.5, 0.8), (6.0, 0.8))
@@ -37,16 +46,15 @@ def fifty_step_sigmas(backbone: ShapesBackbone) -> list[float]:
 def generate(backbone: ShapesBackbone, metas: list[dict[str, Any]], sigmas: list[float], *, cfg: float,
              eta: float = 0.0, seed: int = 0, batch_size: int = 250, cfg_max_sigma: float = 1.0,
              ) -> torch.Tensor:
-    """Images ``[N, 3, 32, 32]``; image ``i`` uses noise seeded by ``(seed, i)`` so rows share noise."""
+    """Images ``[N, 3, 32, 32]`` by ``sample_images``: Euler for ``eta = 0``, else CPS; image ``i`` has seed
+    ``image_seed(seed, i)``, so rows share noise and the batch size changes nothing."""
     out = []
     for start in range(0, len(metas), batch_size):
         chunk = metas[start:start + batch_size]
-        noise = torch.stack([
-            torch.randn(12, 16, 16, generator=torch.Generator().manual_seed(seed * 1_000_003 + start + i))
-            for i in range(len(chunk))])
-        g = torch.Generator().manual_seed(seed * 7 + start)
-        out.append(sample(backbone, [m["prompt"] for m in chunk], sigmas, guidance=cfg, eta=eta, generator=g,
-                          latents=noise, guidance_max_sigma=cfg_max_sigma))
+        out.append(sample_images(
+            backbone, [m["prompt"] for m in chunk], [image_seed(seed, start + i) for i in range(len(chunk))],
+            sigmas, eta=eta if eta > 0 else None, guidance=cfg, guidance_max_sigma=cfg_max_sigma,
+            resolution_px=RESOLUTION_PX))
     return torch.cat(out)
 
 
@@ -64,11 +72,12 @@ def _layout_key(objs: list[dict[str, Any]]) -> tuple:
 
 def score_images(images: torch.Tensor, metas: list[dict[str, Any]], scorer: ShapesGenevalScorer,
                  ) -> dict[str, Any]:
-    """Aggregate metrics of one row."""
+    """Aggregate metrics of one row, scored on the 8-bit images (as every evaluation and training reward)."""
+    images = eight_bit(images)
     prompts = [m["prompt"] for m in metas]
     out = scorer(images, prompts, metas)
     dets = scorer.detect(images)
-    strict = out["strict_accuracy"].numpy()
+    strict = out["strict_accuracy"].numpy().astype(np.float64)
     res: dict[str, Any] = {
         "n": len(metas), "strict": float(strict.mean()), "partial": float(out["shapes_geneval"].mean()),
         "lenient": float(out["accuracy"].mean()), "exact": float(out["exact_accuracy"].mean()),
@@ -221,13 +230,7 @@ def run_eval(*, teacher_dir: str | None, clip_dir: str | None, out_dir: str, n_c
     cfg_max_sigma = 1.0 if cfg_max_sigma is None else float(cfg_max_sigma)
     guided = guidance_label(cfg_scale, cfg_max_sigma)
     print(f"teacher guidance: {guided}", flush=True)
-    if split not in ("test", "validation"):
-        raise ValueError(f"split={split!r}: use 'test' or 'validation'")
-    train, test = split_prompts(0)
-    if split == "test":
-        metas = balanced_eval_prompts(test, n_captions // len(TAGS), seed=seed)
-    else:  # not pick_cfg's validation draw (seed + 999), so a checkpoint is not picked on the CFG's captions
-        metas = balanced_eval_prompts(train, n_captions // len(TAGS), seed=seed + 555)
+    metas = eval_captions(split, n_captions, seed)  # validation: not pick_cfg's draw (seed + 999)
     # grid: two captions of each tag (metas are grouped by tag), same columns in every band
     per_tag = len(metas) // len(TAGS)
     cols = [t * per_tag + j for t in range(len(TAGS)) for j in range(2)]
@@ -235,7 +238,8 @@ def run_eval(*, teacher_dir: str | None, clip_dir: str | None, out_dir: str, n_c
     same = (not recompute and old.get("teacher") == str(teacher_dir or "shipped")
             and old.get("n_captions") == len(metas) and old.get("seed", 0) == seed
             and old.get("cfg") == cfg_scale and old.get("cfg_max_sigma", 1.0) == cfg_max_sigma
-            and old.get("n_diversity_prompts") == len(div_metas) and old.get("split", "test") == split)
+            and old.get("n_diversity_prompts") == len(div_metas) and old.get("split", "test") == split
+            and old.get("eval_version") == EVAL_VERSION)
     cached: dict[str, dict[str, Any]] = old.get("rows", {}) if same else {}
 
     # name -> (LoRA files, sigmas, eta, cfg, cfg_max_sigma)
@@ -272,7 +276,7 @@ def run_eval(*, teacher_dir: str | None, clip_dir: str | None, out_dir: str, n_c
         if (hit is not None and hit.get("lora") == fingerprint(paths) and grid_file.is_file()
                 and "strict_per_caption" in hit):
             rows[name] = hit
-            images[name] = torch.load(grid_file)
+            images[name] = torch.load(grid_file, weights_only=True)
             print(f"{name}: strict {hit['strict']:.3f} (reused from {out / 'results.json'})", flush=True)
             continue
         t = time.time()
@@ -301,7 +305,7 @@ def run_eval(*, teacher_dir: str | None, clip_dir: str | None, out_dir: str, n_c
         for name, imgs in full.items():
             with torch.no_grad():
                 rows[name]["tiny_clip"] = float(
-                    clip(imgs, [m["prompt"] for m in metas])["clipscore"].mean())
+                    clip(eight_bit(imgs), [m["prompt"] for m in metas])["clipscore"].mean())
     else:
         print(f"no tiny CLIP at {clip_path}: the tiny-CLIP column stays empty", flush=True)
     table = markdown_table(rows)
@@ -314,7 +318,7 @@ def run_eval(*, teacher_dir: str | None, clip_dir: str | None, out_dir: str, n_c
         table += "\n".join(lines)
     info = {"teacher": str(teacher_dir or "shipped"), "teacher_meta": backbone.meta.get("step"),
             "cfg": cfg_scale, "cfg_max_sigma": cfg_max_sigma, "cfg_validation": val_scores,
-            "n_captions": len(metas), "seed": seed, "split": split,
+            "n_captions": len(metas), "seed": seed, "split": split, "eval_version": EVAL_VERSION,
             "n_diversity_prompts": len(div_metas), "wall_s": round(time.time() - t0, 1), "rows": rows,
             "paired": paired}
     (out / "results.json").write_text(json.dumps(info, indent=2))

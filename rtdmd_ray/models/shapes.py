@@ -193,37 +193,3 @@ def build_shapes_backbone(*, pretrained_path: str | Path | None = None, dtype: s
                           device: torch.device | str = "cpu", seed: int = 0, **kwargs: Any) -> ShapesBackbone:
     """Registry factory (``models.BACKBONES["shapes"]``); ``seed`` is unused (weights are loaded)."""
     return ShapesBackbone.from_pretrained(pretrained_path, dtype=dtype, device=device)
-
-
-@torch.no_grad()
-def sample(backbone: ShapesBackbone, prompts: list[str], sigmas: list[float], *, guidance: float = 1.0,
-           generator: torch.Generator | None = None, eta: float = 0.0, latents: torch.Tensor | None = None,
-           guidance_max_sigma: float = 1.0) -> torch.Tensor:
-    """Images ``[B, 3, 32, 32]`` by Euler (``eta = 0``) or CPS (``eta > 0``, spec algorithms.md) steps over
-    ``sigmas`` (decreasing, ending in 0).
-
-    ``guidance_max_sigma < 1`` applies CFG only on steps starting at ``sigma <= guidance_max_sigma`` (a
-    limited guidance interval, Kynkäänniemi et al. 2024): on ShapeWorld, CFG at the highest noise levels
-    pushes captions that name one object toward an empty image (docs/design.md).
-
-    CPS step from sigma to sigma_next: predict ``x0 = x - sigma v`` and ``eps = x + (1 - sigma) v``, then
-    ``x_next = (1 - s') x0 + s' (cos(eta pi/2) eps + sin(eta pi/2) z)`` with fresh ``z``.
-    """
-    import math
-
-    b = len(prompts)
-    cond = backbone.encode_prompts(prompts)
-    uncond = backbone.empty_conditioning(b) if guidance > 1.0 else None
-    x = latents if latents is not None else backbone.randn_latents(b, RESOLUTION_PX, generator)
-    for s, s_next in zip(sigmas[:-1], sigmas[1:], strict=True):
-        g = guidance if s <= guidance_max_sigma + 1e-6 else 1.0
-        v = backbone.velocity(x, torch.full((b,), s), cond, guidance=g, uncond=uncond)
-        if eta <= 0 or s_next == 0:
-            x = x + (s_next - s) * v
-        else:
-            x0 = x - s * v
-            eps = x + (1 - s) * v
-            z = torch.randn(x.shape, generator=generator)
-            c, si = math.cos(eta * math.pi / 2), math.sin(eta * math.pi / 2)
-            x = (1 - s_next) * x0 + s_next * (c * eps + si * z)
-    return backbone.decode(x)

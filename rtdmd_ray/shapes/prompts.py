@@ -137,6 +137,26 @@ def balanced_eval_prompts(prompts: list[dict[str, Any]], n_per_tag: int, seed: i
     return out
 
 
+EVAL_SPLITS = ("test", "validation")
+VALIDATION_SEED_OFFSET = 555  # the validation draw is not the CFG pick's (seed + 999) nor a test draw
+
+
+def eval_captions(split: str, n_captions: int, seed: int) -> list[dict[str, Any]]:
+    """THE caption draw of every ShapeWorld evaluation: ``n_captions // 6`` captions of each tag.
+
+    ``split="test"``: held-out test captions (results tables, ``rtdmd-ray eval``); ``"validation"``: captions
+    of the train split, the ones training samples from (in-run eval, ``shapes eval --split validation``), so
+    choices made while training never look at test. One ``(split, n_captions, seed)`` gives one list, whoever
+    asks: an in-run validation figure and a ``shapes eval`` figure of the same adapter are comparable.
+    """
+    if split not in EVAL_SPLITS:
+        raise ValueError(f"ShapeWorld eval split={split!r}: use one of {EVAL_SPLITS}")
+    train, test = split_prompts(0)
+    if split == "test":
+        return balanced_eval_prompts(test, max(1, n_captions // len(TAGS)), seed)
+    return balanced_eval_prompts(train, max(1, n_captions // len(TAGS)), seed + VALIDATION_SEED_OFFSET)
+
+
 def sample_training_prompt(rng: np.random.Generator) -> dict[str, Any]:
     """One caption from the whole grammar: tag uniform, composition uniform (counting: COUNT_TRAIN_PROBS)."""
     tag = TAGS[int(rng.integers(len(TAGS)))]

@@ -12,14 +12,18 @@
 * Seeds: image ``i`` of a run with base seed ``s`` uses ``image_seed(s, i)``; its initial latent and every
   CPS noise draw come from its own CPU generator, in a fixed order. An image therefore depends only on its
   prompt, its index and the base seed, never on the batch it shares or the worker that made it (unlike the
-  reference's ``seed + rank`` global stream, §5.8). The draws match the training eval hook's.
+  reference's ``seed + rank`` global stream, §5.8).
+* One path: ``sample_images`` is the sampler of every evaluation (this pipeline, the in-run validation
+  ``stages/validation.EvalHook`` through the learner's adapters, and the ShapeWorld table ``eval/shapes.py``),
+  and every scorer sees the 8-bit image (``eight_bit``) as in training and in the PNGs, so an in-run
+  validation figure and an offline eval of the same weights, prompts and seeds agree.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -43,6 +47,69 @@ def image_seed(base_seed: int, index: int) -> int:
     if index < 0:
         raise ValueError(f"image index must be >= 0, got {index}")
     return int(base_seed) * SEED_STRIDE + int(index)
+
+
+def eight_bit(images: torch.Tensor) -> torch.Tensor:
+    """Float images in [0, 1] rounded to the 256 levels a PNG (and a training reward) sees, still float."""
+    return (images.detach().float().clamp(0, 1) * 255).round() / 255
+
+
+VelocityFn = Callable[..., torch.Tensor]  # (x, sigma [B], cond, guidance=...) -> v, as FlowBackbone.velocity
+
+
+@torch.no_grad()
+def sample_images(
+    backbone: Any,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    sigmas: Sequence[float],
+    *,
+    eta: float | None,
+    guidance: float = 1.0,
+    guidance_max_sigma: float = 1.0,
+    resolution_px: int,
+    velocity: VelocityFn | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Images ``[B, 3, H, W]`` float32 in [0, 1] on the CPU: the one sampler of every evaluation.
+
+    Args:
+        backbone: a ``FlowBackbone`` (latent shape, text encoding, decode; its ``velocity`` by default).
+        seeds: one per prompt; image ``i``'s initial latent, then one draw per stochastic CPS step, come from
+            ``torch.Generator().manual_seed(seeds[i])`` on the CPU, so an image does not depend on its batch.
+        sigmas: decreasing noise levels ending at 0.
+        eta: CPS noise level (``cps_step``; the last step lands on ``x0_hat``), or None for Euler steps.
+        guidance: CFG scale, applied on the steps that start at ``sigma <= guidance_max_sigma`` (a limited
+            guidance interval; 1.0 = every step).
+        velocity: ``(x, sigma, cond, guidance=g) -> v``; default ``backbone.velocity`` (a learner passes its
+            adapter stack's).
+    """
+    if len(prompts) != len(seeds):
+        raise ValueError(f"sample_images: {len(prompts)} prompts but {len(seeds)} seeds")
+    if not prompts:
+        raise ValueError("sample_images: no prompts")
+    velocity = velocity or backbone.velocity
+    dev = torch.device(device) if device is not None else torch.device(getattr(backbone, "device", "cpu"))
+    shape = tuple(backbone.latent_shape(resolution_px))
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def draw() -> torch.Tensor:
+        return torch.stack([torch.randn(shape, generator=g) for g in gens]).to(dev)
+
+    x = draw()
+    cond = backbone.encode_prompts(list(prompts))
+    n = len(prompts)
+    for k in range(len(sigmas) - 1):
+        s, s_next = float(sigmas[k]), float(sigmas[k + 1])
+        sigma = torch.full((n,), s, dtype=torch.float32, device=dev)
+        g = guidance if s <= guidance_max_sigma + 1e-6 else 1.0
+        v = velocity(x, sigma, cond, guidance=g)
+        if eta is None:
+            x = euler_step(x, v, s, s_next)
+        else:
+            stochastic = s_next > 0 and eta > 0
+            x = cps_step(x, v, s, s_next, eta, noise=draw() if stochastic else None).sample
+    return backbone.decode(x.float()).float().cpu()
 
 
 def teacher_step_list(num_steps: int, num_train_timesteps: int = 1000) -> tuple[float, ...]:
@@ -328,33 +395,18 @@ class InferencePipeline:
         Each image's noise (initial latent, then one draw per stochastic CPS step) comes from
         ``torch.Generator().manual_seed(seed)`` on the CPU, so the result does not depend on the batch.
         """
-        if len(prompts) != len(seeds):
-            raise ValueError(f"generate: {len(prompts)} prompts but {len(seeds)} seeds")
-        if not prompts:
-            raise ValueError("generate: no prompts")
-        bb, st = self.backbone, self.settings
-        dev = self.device
-        shape = tuple(bb.latent_shape(st.resolution_px))
-        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-
-        def draw() -> torch.Tensor:
-            return torch.stack([torch.randn(shape, generator=g) for g in gens]).to(dev)
-
-        sigmas = st.sigmas(bb)
-        x = draw()
-        cond = bb.encode_prompts(list(prompts))
-        n = len(prompts)
-        for k in range(len(sigmas) - 1):
-            s, s_next = sigmas[k], sigmas[k + 1]
-            sigma = torch.full((n,), s, dtype=torch.float32, device=dev)
-            if st.mode == "distilled":
-                v = bb.velocity(x, sigma, cond)
-                stochastic = s_next > 0 and st.eta > 0
-                x = cps_step(x, v, s, s_next, st.eta, noise=draw() if stochastic else None).sample
-            else:
-                v = bb.velocity(x, sigma, cond, guidance=st.guidance_scale)
-                x = euler_step(x, v, s, s_next)
-        return bb.decode(x.float()).float().cpu()
+        st = self.settings
+        teacher = st.mode == "teacher"
+        return sample_images(
+            self.backbone,
+            prompts,
+            seeds,
+            st.sigmas(self.backbone),
+            eta=None if teacher else st.eta,
+            guidance=st.guidance_scale if teacher else 1.0,
+            resolution_px=st.resolution_px,
+            device=self.device,
+        )
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

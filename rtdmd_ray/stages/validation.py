@@ -1,13 +1,15 @@
 """Periodic evaluation on a learner rank: the (EMA) generator samples fixed prompts with fixed seeds and the
 configured eval rewards score them (spec algorithms.md §2.10).
 
-* Prompts: ShapeWorld (``data.kind: shapes``) uses ``eval.num_prompts`` validation captions balanced over the
-  six tags, drawn from the train split like ``shapes eval``'s CFG validation (the test split stays for the
-  final table, so choices made while watching training never see it); otherwise ``eval.prompt_file`` /
+* Prompts: ShapeWorld (``data.kind: shapes``) uses ``shapes.prompts.eval_captions("validation",
+  eval.num_prompts, eval.seed)``: captions of the train split, the very draw ``rtdmd-ray shapes eval --split
+  validation --seed <eval.seed> --n-captions <eval.num_prompts>`` scores (the test split stays for the final
+  table, so choices made while watching training never see it); otherwise ``eval.prompt_file`` /
   ``eval.dataset_map`` route each reward to its prompt file (capped at ``eval.num_prompts`` when > 0).
-* Image ``i``'s initial noise and CPS noise come from a generator seeded by ``(eval.seed, i)``, so an image
-  depends only on its prompt index, the seed and the weights: not on the world size, batch size or the
-  training RNG (which is never touched).
+* Images: ``stages.inference.sample_images``, the sampler of every evaluation, through this rank's adapter
+  stack; image ``i`` has seed ``image_seed(eval.seed, i)``, so it depends only on its prompt index, the seed
+  and the weights: not on the world size, batch size or the training RNG (which is never touched). Scorers
+  see the 8-bit image (``eight_bit``), as the training rewards and ``rtdmd-ray eval``'s PNGs do.
 * Prompts are sharded ``i % world_size == rank``; every rank runs the same number of batches (short shards are
   padded and the pads dropped), as FSDP needs equal forward counts. Scores are aggregated as means over
   valid samples (the ``-10`` per-tag sentinel excluded) across all ranks.
@@ -22,8 +24,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from rtdmd_ray.algorithms.cps import cps_step
 from rtdmd_ray.config import DataConfig, EvalConfig, RewardsConfig, SamplingConfig, resolve_path
+from rtdmd_ray.stages.inference import eight_bit, image_seed, sample_images
 from rtdmd_ray.stages.learner_state import LearnerState
 
 SENTINEL = -10.0
@@ -35,10 +37,9 @@ def eval_datasets(
     """``{dataset name: (prompt records, reward names scored on it)}`` for the eval rewards."""
     names = list(eval_cfg.reward_weights)
     if data.kind == "shapes":
-        from rtdmd_ray.shapes.prompts import TAGS, balanced_eval_prompts, train_prompts
+        from rtdmd_ray.shapes.prompts import eval_captions
 
-        n = eval_cfg.num_prompts or 600
-        recs = balanced_eval_prompts(train_prompts(0), max(1, n // len(TAGS)), eval_cfg.seed + 999)
+        recs = eval_captions("validation", eval_cfg.num_prompts or 600, eval_cfg.seed)
         return {"shapes_validation": (recs, names)}
     from rtdmd_ray.data.prompts import load_prompt_records
     from rtdmd_ray.rewards.multi import route_rewards_to_datasets
@@ -104,21 +105,23 @@ class EvalHook:
         return self._scorers[name]
 
     # ---------------------------------------------------------------- sampling
-    @torch.no_grad()
     def sample(self, prompts: list[str], indices: list[int]) -> torch.Tensor:
         """Images ``[B, 3, H, W]`` in [0, 1] of the generator for ``prompts``; image noise seeded by index."""
         s = self.s
-        shape = s.backbone.latent_shape(self.resolution_px)
-        gens = [torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + i) for i in indices]
-        x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(s.device)
-        cond = s.backbone.encode_prompts(prompts)
-        n = len(self.sigmas) - 1
-        for i in range(n):
-            sigma = torch.full((len(prompts),), self.sigmas[i], dtype=torch.float32, device=s.device)
-            v = s.velocity("generator", x, sigma, cond)
-            noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(s.device)
-            x = cps_step(x, v, self.sigmas[i], self.sigmas[i + 1], self.cfg.noise_level, noise=noise).sample
-        return s.backbone.decode(x)
+
+        def velocity(x: torch.Tensor, sigma: torch.Tensor, cond: Any, guidance: float = 1.0) -> torch.Tensor:
+            return s.velocity("generator", x, sigma, cond, guidance=guidance)
+
+        return sample_images(
+            s.backbone,
+            prompts,
+            [image_seed(self.cfg.seed, i) for i in indices],
+            self.sigmas,
+            eta=self.cfg.noise_level,
+            resolution_px=self.resolution_px,
+            velocity=velocity,
+            device=s.device,
+        )
 
     # ---------------------------------------------------------------- one eval
     def run(self, image_path: Path | None = None) -> dict[str, float]:
@@ -139,7 +142,7 @@ class EvalHook:
                     idx = padded[b * bs : (b + 1) * bs]
                     real = min(bs, max(0, len(mine) - b * bs))
                     batch = [recs[i] for i in idx]
-                    images = self.sample([r["prompt"] for r in batch], idx)
+                    images = eight_bit(self.sample([r["prompt"] for r in batch], idx))
                     if len(grid) < self.cfg.log_images:
                         grid.append(images[:real][: self.cfg.log_images - len(grid)].cpu())
                     if real == 0:

@@ -16,10 +16,10 @@ from rtdmd_ray.models.shapes import (
     SHIPPED_TEACHER,
     ShapesBackbone,
     ShapesWeightsMissing,
-    sample,
 )
 from rtdmd_ray.shapes import prompts as P
 from rtdmd_ray.shapes.text import build_text_encoder, build_tokenizer, tokenize
+from rtdmd_ray.stages.inference import sample_images
 
 needs_teacher = pytest.mark.skipif(
     not (SHIPPED_TEACHER / "transformer").is_dir(),
@@ -82,9 +82,9 @@ def test_random_teacher_round_trip(tmp_path):
 def test_shipped_teacher_samples_in_4_steps():
     bb = ShapesBackbone.from_pretrained(None)
     metas = P.balanced_eval_prompts(P.test_prompts(0), 2, seed=0)
-    g = torch.Generator().manual_seed(0)
     sigmas = bb.sigma_schedule((1000, 750, 500, 250), 32)
-    imgs = sample(bb, [m["prompt"] for m in metas], sigmas, guidance=4.0, generator=g)
+    imgs = sample_images(bb, [m["prompt"] for m in metas], list(range(len(metas))), sigmas, eta=None,
+                         guidance=4.0, resolution_px=32)
     assert imgs.shape == (12, 3, 32, 32) and imgs.min() >= 0 and imgs.max() <= 1
     # a trained teacher draws saturated palette objects on a black background, not noise
     dark = (imgs.max(1).values < 0.2).float().mean()
@@ -120,8 +120,8 @@ def test_tiny_clip_loads_through_clipscore():
 
 
 def test_guidance_interval_guides_only_the_steps_below_its_sigma(tmp_path):
-    """``sample(guidance_max_sigma=m)``: CFG on the steps starting at sigma <= m only. m = 1 is plain CFG,
-    m = 0 no CFG at all (bit-exact), and m in between equals running the two pieces by hand."""
+    """``sample_images(guidance_max_sigma=m)``: CFG on the steps starting at sigma <= m only. m = 1 is
+    plain CFG, m = 0 no CFG at all (bit-exact), and m in between equals running the two pieces by hand."""
     from rtdmd_ray.shapes.train_teacher import TeacherTrainConfig, build_transformer, save_pretrained_dir
 
     torch.manual_seed(0)
@@ -131,10 +131,11 @@ def test_guidance_interval_guides_only_the_steps_below_its_sigma(tmp_path):
     bb = ShapesBackbone.from_pretrained(tmp_path / "t")
     prompts = ["a photo of a red circle", "an image of two squares"]
     sig = bb.sigma_schedule((1000, 750, 500, 250), 32)  # 1, 0.9, 0.75, 0.5, 0
-    z = torch.randn(2, 12, 16, 16, generator=torch.Generator().manual_seed(1))
+    seeds = [1, 2]  # each image's initial latent comes from its own seeded generator
+    z = torch.stack([torch.randn(12, 16, 16, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
     def run(**kw):
-        return sample(bb, prompts, sig, latents=z.clone(), **kw)
+        return sample_images(bb, prompts, seeds, sig, eta=None, resolution_px=32, **kw)
 
     torch.testing.assert_close(run(guidance=4.0, guidance_max_sigma=1.0), run(guidance=4.0), rtol=0, atol=0)
     torch.testing.assert_close(run(guidance=4.0, guidance_max_sigma=0.0), run(guidance=1.0), rtol=0, atol=0)
