@@ -1,11 +1,11 @@
 """One static HTML page per eval (no server, no JavaScript): the model rows' images on the same prompts and
 seeds, bar charts of the rewards (inline SVG), and the per-tag accuracy table of GenEval-style rewards.
 
-``write_report(eval_dir)`` renders ``eval_dir/metadata.json`` (written by ``rtdmd_ray.evaluate``) to
+``write_report(eval_dir)`` renders ``eval_dir/metadata.json`` (written by ``rtdmd_ray.eval.evaluate``) to
 ``eval_dir/report.html``; images are linked relatively, so the folder can be copied or served as is.
 ``screenshot(html, png)`` renders a page with headless Chromium (``scripts/install_chromium.sh``).
 
-    python -m rtdmd_ray.report outputs/inference/shapes [--screenshot docs/img/eval_report.png]
+    python -m rtdmd_ray.eval.report outputs/inference/shapes [--screenshot docs/img/eval_report.png]
 """
 
 from __future__ import annotations
@@ -343,7 +343,7 @@ def screenshot(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m rtdmd_ray.report",
+        prog="python -m rtdmd_ray.eval.report",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
