@@ -6,10 +6,10 @@ it on the device machine. Four parts, each caught on its own so one failure does
 1. ``numerics``: the CPS step and its log-prob, the AC-DMD renoise and the generator DMD loss on the device in
    fp32 against the CPU on the same inputs (max relative error <= 1e-5); under bf16 autocast the log-prob of a
    fixed sample recomputed twice through the ShapeWorld transformer (the PPO ratio at the same weights).
-2. ``shapes_stages``: one ShapeWorld cold-start iteration (``cold_start.ColdStartIteration``) and one RL
-   learner epoch (``rl_step.RLUpdate``, rollouts from ``rollout.RolloutWorker``, scores from
-   ``reward.RewardWorker``), the code the Ray actors call, on the CPU and on the device: losses finite and
-   equal within ``--stage-rtol``.
+2. ``shapes_stages``: one ShapeWorld cold-start iteration (``stages.cold_start_step.ColdStartIteration``)
+   and one RL learner epoch (``stages.rl_step.RLUpdate``, rollouts from ``roles.sampler.RolloutWorker``,
+   scores from ``roles.reward_pool.RewardWorker``), the code the Ray actors call, on the CPU and on the
+   device: losses finite and equal within ``--stage-rtol``.
 3. ``bench``: ``bench/bench_gpu.py`` (SD3.5-M-sized random transformer, bf16, rank-32 LoRA) at 512 and
    1024 px, gradient checkpointing off and on: rollout latents/s, learner step s, peak memory, MFU.
 4. ``environment``: torch / CUDA / device name, package versions.

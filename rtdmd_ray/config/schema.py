@@ -494,7 +494,7 @@ class RoleResourcesConfig:
 
 @section
 class ResourcesConfig:
-    """Actor counts and per-actor resources per role, applied where the actors are created (groups.py).
+    """Actor counts and per-actor resources per role, applied where the actors are created (roles/groups.py).
 
     Attributes:
         sampler: rollout sampler actors.

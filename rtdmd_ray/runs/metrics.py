@@ -1,6 +1,6 @@
 """The driver's metrics on the Ray dashboard (Prometheus) via ``ray.util.metrics`` (``logging.ray_metrics``).
 
-One source of truth: the driver's per-epoch metric dict (what ``logging_utils.MetricsLogger`` writes to
+One source of truth: the driver's per-epoch metric dict (what ``runs.logger.MetricsLogger`` writes to
 stdout, jsonl and wandb) is mapped key by key onto Prometheus gauges, so a dashboard series and a jsonl column
 are always the same number. ``prometheus_series`` is the mapping:
 

@@ -1,4 +1,4 @@
-"""`rtdmd-ray eval` on Ray eval workers (rtdmd_ray/evaluate.py) with the tiny random SD3-family backbone,
+"""`rtdmd-ray eval` on Ray eval workers (rtdmd_ray/eval/evaluate.py) with the tiny random SD3-family backbone,
 the synthetic ``brightness`` reward on a text prompt file and ``shapes_geneval`` on GenEval-style ShapeWorld
 records: seeds independent of worker count and batch size, resume, model rows and the report."""
 

@@ -1,4 +1,4 @@
-"""Sampling for `rtdmd-ray sample` / `eval` on the tiny random SD3-family backbone (inference.py)."""
+"""Sampling for `rtdmd-ray sample` / `eval` on the tiny random SD3-family backbone (stages/inference.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The eval's pure parts (rtdmd_ray/evaluate.py) and the sample/eval CLI verbs: prompt-set reading and
+"""The eval's pure parts (rtdmd_ray/eval/evaluate.py) and the sample/eval CLI verbs: prompt-set reading and
 routing, rows, score aggregation with the -10 sentinel and per-tag tables, and `eval --prompt` as an error."""
 
 from __future__ import annotations
