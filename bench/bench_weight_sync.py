@@ -33,16 +33,7 @@ import time
 import ray
 import torch
 
-SD3_ATTENTION_TARGETS = (
-    "attn.to_q",
-    "attn.to_k",
-    "attn.to_v",
-    "attn.to_out.0",
-    "attn.add_q_proj",
-    "attn.add_k_proj",
-    "attn.add_v_proj",
-    "attn.to_add_out",
-)
+from rtdmd_ray.models.lora import SD3_FLUX1_TARGETS as SD3_ATTENTION_TARGETS
 
 
 def shapeworld_lora_shapes(rank: int = 16) -> dict[str, tuple[int, ...]]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from typing import Any
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -21,6 +23,25 @@ def _load(args: argparse.Namespace):
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _run_stage(args: argparse.Namespace, run: Callable[[Any], dict[str, Any]],
+               done: Callable[[dict[str, Any]], str]) -> int:
+    """Run a training stage on the loaded config and print ``done(result)``. A dead learner rank exits 3 and a
+    config error (e.g. resuming a checkpoint of a different base) exits 2, with one line and no traceback."""
+    from rtdmd_ray.config import ConfigError
+    from rtdmd_ray.roles.learner import LearnerFailure
+
+    try:
+        result = run(_load(args))
+    except LearnerFailure as e:  # a dead rank: the message says how to resume; no traceback
+        print(f"{args.verb}: {e}", file=sys.stderr)
+        return 3
+    except ConfigError as e:  # e.g. resuming a checkpoint of a different base
+        print(f"{args.verb}: {e}", file=sys.stderr)
+        return 2
+    print(done(result))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,36 +104,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.verb == "cold-start":
         from rtdmd_ray.cold_start import run_cold_start
-        from rtdmd_ray.config import ConfigError
-        from rtdmd_ray.roles.learner import LearnerFailure
 
-        try:
-            result = run_cold_start(_load(args))
-        except LearnerFailure as e:  # a dead rank: the message says how to resume; no traceback
-            print(f"cold-start: {e}", file=sys.stderr)
-            return 3
-        except ConfigError as e:  # e.g. resuming a checkpoint of a different base
-            print(f"cold-start: {e}", file=sys.stderr)
-            return 2
-        print(f"cold-start: iteration {result['iteration']}, checkpoint {result['checkpoint']}, "
-              f"generator LoRA {result['final_lora']}")
-        return 0
+        return _run_stage(args, run_cold_start, lambda r: (
+            f"cold-start: iteration {r['iteration']}, checkpoint {r['checkpoint']}, "
+            f"generator LoRA {r['final_lora']}"))
     if args.verb == "train":
-        from rtdmd_ray.config import ConfigError
         from rtdmd_ray.driver import train
-        from rtdmd_ray.roles.learner import LearnerFailure
 
-        try:
-            result = train(_load(args))
-        except LearnerFailure as e:  # a dead rank: the message says how to resume; no traceback
-            print(f"train: {e}", file=sys.stderr)
-            return 3
-        except ConfigError as e:  # e.g. resuming a checkpoint of a different base
-            print(f"train: {e}", file=sys.stderr)
-            return 2
-        print(f"done: {result['epochs']} epochs, policy version {result['policy_version']}, "
-              f"{result['output_dir']}")
-        return 0
+        return _run_stage(args, train, lambda r: (
+            f"done: {r['epochs']} epochs, policy version {r['policy_version']}, {r['output_dir']}"))
     if args.verb == "quickstart":
         from rtdmd_ray.quickstart import run_quickstart
 

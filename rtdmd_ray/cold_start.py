@@ -7,19 +7,10 @@ iterations (each rank runs ``stages/cold_start_step.ColdStartIteration``) → lo
 
 from __future__ import annotations
 
-import math
-import os
-import shutil
-from pathlib import Path
 from typing import Any
 
-from rtdmd_ray.config import (
-    Config,
-    ConfigError,
-    dump_yaml,
-    resolve_path,
-    to_dict,
-)
+from rtdmd_ray.config import Config, ConfigError, to_dict
+from rtdmd_ray.roles.groups import STOP_GRACE_S, init_ray
 from rtdmd_ray.roles.learner import LearnerFailure, LearnerGroup
 from rtdmd_ray.runs import checkpoint as ckpt
 
@@ -56,24 +47,12 @@ def run_cold_start(cfg: Config, *, ray_address: str | None = None) -> dict[str, 
         ``{"output_dir", "iteration", "checkpoint", "final_lora", "metrics": last training metrics,
         "eval": last eval metrics}``.
     """
-    import ray
-
     from rtdmd_ray.runs.logger import MetricsLogger
 
     check_cold_start_config(cfg)
-    t, out = cfg.train, resolve_path(cfg.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    resume_from = ckpt.resolve_resume(t.resume, out, base=ckpt.base_fingerprint(cfg.model))
-    (out / "config.yaml").write_text(dump_yaml(cfg, comments=False))
-    if not ray.is_initialized():
-        address = ray_address or os.environ.get("RAY_ADDRESS") or "local"
-        need = cfg.resources.learner.count * cfg.resources.learner.cpus_per_actor
-        ray.init(
-            address=address,
-            include_dashboard=False,
-            log_to_driver=True,
-            **({"num_cpus": max(math.ceil(need), os.cpu_count() or 1)} if address == "local" else {}),
-        )
+    t = cfg.train
+    out, resume_from = ckpt.prepare_run_dir(cfg)
+    init_ray(ray_address, cfg.resources.learner.count * cfg.resources.learner.cpus_per_actor)
 
     logger = None
     grace_s = 0.0  # a failure kills the ranks at once (one may be stuck in a collective)
@@ -120,13 +99,8 @@ def run_cold_start(cfg: Config, *, ray_address: str | None = None) -> dict[str, 
             last_ckpt = str(resume_from)
         final_lora = None
         if last_ckpt is not None:
-            final_lora = out / "final"
-            if final_lora.exists():
-                shutil.rmtree(final_lora)
-            shutil.copytree(Path(last_ckpt) / "transformer", final_lora)
+            final_lora = ckpt.export_final(last_ckpt, out)
             logger.write(f"final generator LoRA ({'EMA' if cfg.train.ema.enabled else 'live'}): {final_lora}")
-        from rtdmd_ray.roles.groups import STOP_GRACE_S
-
         grace_s = STOP_GRACE_S  # ended well: the ranks exit on their own, no SIGTERM traceback
         return {
             "output_dir": str(out),

@@ -24,14 +24,12 @@ trains on epoch ``e``.
 
 from __future__ import annotations
 
-import math
-import os
 import time
 import warnings
 from collections.abc import Callable
 from typing import Any
 
-from rtdmd_ray.config import Config, ConfigError, dump_yaml, resolve_path, to_dict
+from rtdmd_ray.config import Config, ConfigError, to_dict
 
 
 def check_rl_config(cfg: Config) -> Config:
@@ -62,7 +60,7 @@ def train(
         "final_lora"}`` (``final_lora``: the EMA RL LoRA, to stack on the cold-start LoRA at inference).
     """
     from rtdmd_ray.data.prompts import training_prompt_records
-    from rtdmd_ray.roles.groups import STOP_GRACE_S
+    from rtdmd_ray.roles.groups import STOP_GRACE_S, init_ray
     from rtdmd_ray.roles.learner import LearnerFailure, RLLearnerGroup
     from rtdmd_ray.roles.reward_pool import (
         RewardPool,
@@ -78,11 +76,9 @@ def train(
 
     check_rl_config(cfg)
     g, t = cfg.grpo, cfg.train
-    out = resolve_path(t.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    resume_from = ckpt.resolve_resume(t.resume, out, base=ckpt.base_fingerprint(cfg.model))
-    (out / "config.yaml").write_text(dump_yaml(cfg, comments=False))
-    _init_ray(cfg, ray_address)
+    out, resume_from = ckpt.prepare_run_dir(cfg)
+    r = cfg.resources
+    init_ray(ray_address, sum(x.count * x.cpus_per_actor for x in (r.sampler, r.reward_worker, r.learner)))
     records = training_prompt_records(cfg.data)
     eval_every = cfg.eval.every_iterations if cfg.eval.enabled else 0
 
@@ -173,7 +169,7 @@ def train(
                 on_epoch(epoch, m, roles)
         if eval_every and t.iterations % eval_every:
             evaluate(t.iterations)
-        final = export_final(last_ckpt, out) if last_ckpt else None
+        final = str(ckpt.export_final(last_ckpt, out)) if last_ckpt else None  # the EMA RL LoRA
         if final:
             logger.write(f"final RL generator LoRA (stack it on the cold-start LoRA): {final}")
         grace_s = STOP_GRACE_S  # ended well: each actor exits on its own, no SIGTERM traceback
@@ -226,29 +222,3 @@ def sync_weights(learners: Any, samplers: Any, version: int, previous: bool = Fa
     }
 
 
-def export_final(checkpoint: str, out: Any) -> str:
-    """Copy the checkpoint's PEFT folder (the EMA RL LoRA) to ``<output_dir>/final``; returns its path."""
-    import shutil
-    from pathlib import Path
-
-    final = Path(out) / "final"
-    if final.exists():
-        shutil.rmtree(final)
-    shutil.copytree(Path(checkpoint) / "transformer", final)
-    return str(final)
-
-
-def _init_ray(cfg: Config, ray_address: str | None) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = ray_address or os.environ.get("RAY_ADDRESS") or "local"
-    r = cfg.resources
-    need = sum(x.count * x.cpus_per_actor for x in (r.sampler, r.reward_worker, r.learner))
-    ray.init(
-        address=address,
-        include_dashboard=False,
-        log_to_driver=True,
-        **({"num_cpus": max(math.ceil(need), os.cpu_count() or 1)} if address == "local" else {}),
-    )

@@ -1,5 +1,8 @@
 """LoRA through peft: injection, named adapters on one base, published-format I/O, diffusers export, merging.
 
+Over 600 lines on purpose: injection, adapter switching, file I/O and merging all hang on the one flat-name
+convention below; one file keeps that convention in one place.
+
 Conventions (spec algorithms.md §4.3, rewards-inference.md §5.6 / §5.12):
 
 * Targets per family (``lora_targets``); rank 32, alpha 64 (scale ``alpha / r = 2``); peft ``gaussian`` init

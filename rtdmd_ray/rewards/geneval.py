@@ -1,5 +1,8 @@
 """GenEval (spec rewards-inference.md §1.8): object detection + rule checks against per-prompt metadata.
 
+Over 600 lines on purpose: the rules engine, the two detector backends and the colour classifier make one
+scorer, kept side by side to be read against the official GenEval code.
+
 The rules engine is backend-free and exact: detection selection (0.9 confidence for counting prompts, else
 0.3;
 at most 16 per class; no NMS, as NMS_THRESHOLD = 1.0 short-circuits it), GenEval's relative position, the

@@ -188,6 +188,20 @@ def gather(refs: Sequence[ray.ObjectRef], *, timeout_s: float, what: str) -> lis
         ) from e
 
 
+def init_ray(ray_address: str | None, cpus_needed: float) -> None:
+    """Join ``ray_address`` (default ``$RAY_ADDRESS``), else start a private local cluster with
+    ``cpus_needed`` CPUs or this machine's count if larger; nothing when Ray is already initialised."""
+    if ray.is_initialized():
+        return
+    address = ray_address or os.environ.get("RAY_ADDRESS") or "local"
+    ray.init(
+        address=address,
+        include_dashboard=False,
+        log_to_driver=True,
+        **({"num_cpus": max(math.ceil(cpus_needed), os.cpu_count() or 1)} if address == "local" else {}),
+    )
+
+
 STOP_GRACE_S = 60.0  # a run that ended well: how long its actors get to exit on their own before a kill
 
 

@@ -89,14 +89,11 @@ class Learner:
         self.iteration_fn: Any = None
         self.eval_hook: Any = None
 
-    def setup(self) -> dict[str, Any]:
-        """Build the rank state (after the process group exists); returns parameter counts."""
-        from rtdmd_ray.data.prompts import PromptStream, training_prompt_records
-        from rtdmd_ray.stages.cold_start_step import ColdStartIteration
-        from rtdmd_ray.stages.learner_state import LearnerState, to_local
-
+    def _build_state(self, state_cls: type) -> str:
+        """``self.state = state_cls(...)`` (``LearnerState`` or ``RLLearnerState``) on this rank's device (GPU
+        when there is one), from this rank's config slices; returns the device."""
         device = "cuda" if has_gpu() else "cpu"
-        self.state = LearnerState(
+        self.state = state_cls(
             model=self.model,
             solver=self.solver,
             train=self.train,
@@ -105,6 +102,15 @@ class Learner:
             world_size=self.world_size,
             device=device,
         )
+        return device
+
+    def setup(self) -> dict[str, Any]:
+        """Build the rank state (after the process group exists); returns parameter counts."""
+        from rtdmd_ray.data.prompts import PromptStream, training_prompt_records
+        from rtdmd_ray.stages.cold_start_step import ColdStartIteration
+        from rtdmd_ray.stages.learner_state import LearnerState, to_local
+
+        device = self._build_state(LearnerState)
         prompts = PromptStream(
             training_prompt_records(self.data),
             prompts_per_step=self.dmd.prompts_per_step,
@@ -474,16 +480,7 @@ class RLLearner(Learner):
         }
 
     def setup(self) -> dict[str, Any]:
-        device = "cuda" if has_gpu() else "cpu"
-        self.state = RLLearnerState(
-            model=self.model,
-            solver=self.solver,
-            train=self.train,
-            parallelism=self.parallelism,
-            rank=self.rank,
-            world_size=self.world_size,
-            device=device,
-        )
+        device = self._build_state(RLLearnerState)
         sigmas = learner_sigmas(self.state, self.model, self.sampling)
         self.rl = RLUpdate(
             state=self.state,

@@ -94,14 +94,7 @@ class RewardPool:
         from rtdmd_ray.roles.groups import RoleResources, create_actor_group
 
         r = resources
-        res = RoleResources(
-            count=r.count,
-            cpus_per_actor=r.cpus_per_actor,
-            gpus_per_actor=r.gpus_per_actor,
-            custom=r.custom,  # Ray custom resources: pin the role to its nodes
-            max_restarts=r.max_restarts,
-            max_task_retries=0,
-        )  # re-dispatch is the pool's job
+        res = RoleResources.from_config(r, max_task_retries=0)  # re-dispatch is the pool's job
         if r.count < 1:
             raise ValueError(
                 "resources.reward_worker.count must be >= 1: the RL stage scores on the reward pool"

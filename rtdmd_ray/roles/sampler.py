@@ -175,10 +175,9 @@ class RolloutWorker:
         threads: int = 1,
         record_noise: bool = False,
     ):
-        from rtdmd_ray.models import build_backbone
         from rtdmd_ray.models.lora import lora_state
         from rtdmd_ray.roles.weight_sync import WeightReceiver
-        from rtdmd_ray.stages.learner_state import TORCH_DTYPES, has_gpu
+        from rtdmd_ray.stages.learner_state import TORCH_DTYPES, build_model_backbone, has_gpu
         from rtdmd_ray.stages.rl_state import build_sampler_generator
 
         torch.set_num_threads(max(1, threads))
@@ -186,13 +185,7 @@ class RolloutWorker:
         self.sampler_id, self.record_noise = sampler_id, record_noise
         self.device = torch.device("cuda" if has_gpu() else "cpu")
         # the learner builds the same base from the same seed (tiny models) or the same files
-        self.backbone = build_backbone(
-            model.backbone,
-            pretrained_path=model.pretrained_path or None,
-            dtype=model.dtype,
-            device=self.device,
-            seed=train.seed,
-        )
+        self.backbone = build_model_backbone(model, self.device, train.seed)
         self.stack = build_sampler_generator(self.backbone.transformer, model, seed=train.seed)
         steps = tuple(sampling.denoising_step_list[: sampling.num_steps])
         self.sigmas = [float(s) for s in self.backbone.sigma_schedule(steps, model.resolution_px)]
@@ -371,16 +364,9 @@ class SamplerGroup:
         from rtdmd_ray.roles.groups import RoleResources, create_actor_group
 
         r = cfg.resources.sampler
-        res = RoleResources(
-            count=r.count,
-            cpus_per_actor=r.cpus_per_actor,
-            gpus_per_actor=r.gpus_per_actor,
-            custom=r.custom,  # Ray custom resources: pin the role to its nodes
-            max_restarts=r.max_restarts,
-            # a call retried by Ray on a restarted sampler would find no weights (version -1): re-sampling
-            # after a re-sync is the driver's job (resubmit)
-            max_task_retries=0,
-        )
+        # a call retried by Ray on a restarted sampler would find no weights (version -1): re-sampling after a
+        # re-sync is the driver's job (resubmit)
+        res = RoleResources.from_config(r, max_task_retries=0)
         self.timeout_s, self.max_restarts = timeout_s, r.max_restarts
         self.restarts_seen = 0  # sampler restarts this group re-synced after (whole run)
         self.group = create_actor_group(

@@ -1,5 +1,8 @@
 """Learner → sampler weight sync: bucketed, versioned, one interface over three transports.
 
+Over 600 lines on purpose: the bucket layout, the manifest and the sender/receiver of all three transports
+are one wire protocol, which must change together.
+
 Flow (the driver's view; every call is an actor method wrapping these objects)::
 
     endpoint = learner_rank0.open_weight_sync(num_receivers)       # non-blocking, publishes host:port

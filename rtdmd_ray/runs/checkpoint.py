@@ -94,6 +94,28 @@ def resolve_resume(resume: str, output_dir: str | Path, base: dict[str, Any] | N
     return found
 
 
+def prepare_run_dir(cfg: Any) -> tuple[Path, Path | None]:
+    """A training stage's start: create ``train.output_dir``, resolve ``train.resume`` in it
+    (``resolve_resume`` against this run's base), write the resolved ``config.yaml``; returns
+    ``(output_dir, checkpoint to resume or None)``."""
+    from rtdmd_ray.config import dump_yaml, resolve_path
+
+    out = resolve_path(cfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    resume_from = resolve_resume(cfg.train.resume, out, base=base_fingerprint(cfg.model))
+    (out / "config.yaml").write_text(dump_yaml(cfg, comments=False))
+    return out, resume_from
+
+
+def export_final(checkpoint: str | Path, output_dir: str | Path) -> Path:
+    """Copy the checkpoint's PEFT folder (its generator LoRA) to ``<output_dir>/final``; returns that path."""
+    final = Path(output_dir) / "final"
+    if final.exists():
+        shutil.rmtree(final)
+    shutil.copytree(Path(checkpoint) / "transformer", final)
+    return final
+
+
 def write_atomic_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file + rename (readers never see a partial file)."""
     tmp = path.with_name(path.name + ".part")

@@ -148,12 +148,14 @@ def train_teacher(cfg: TeacherTrainConfig) -> Path:
     step, elapsed_s, total_steps = 0, 0.0, cfg.steps
     ckpt_path = out / "ckpt.pt"
     if ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         transformer.load_state_dict(ck["transformer"])
         text_encoder.load_state_dict(ck["text_encoder"])
         ema_tr.load_state_dict(ck["ema_transformer"])
         ema_te.load_state_dict(ck["ema_text_encoder"])
         opt.load_state_dict(ck["optimizer"])
+        if "torch_rng" in ck:  # absent from checkpoints written before it was stored
+            torch.set_rng_state(ck["torch_rng"])
         step, elapsed_s, total_steps = ck["step"], ck["elapsed_s"], ck["total_steps"]
         print(f"resumed from {ckpt_path} at step {step} ({elapsed_s / 60:.1f} min)", flush=True)
     n_params = sum(p.numel() for p in params)
@@ -169,11 +171,13 @@ def train_teacher(cfg: TeacherTrainConfig) -> Path:
                 "latent": "pixel_unshuffle(2) of the image in [-1, 1]"}
 
     def checkpoint() -> None:
+        # only tensors, state dicts and plain numbers, so that resume loads it with ``weights_only=True``
         tmp = ckpt_path.with_suffix(".tmp")
         torch.save({"transformer": transformer.state_dict(), "text_encoder": text_encoder.state_dict(),
                     "ema_transformer": ema_tr.state_dict(), "ema_text_encoder": ema_te.state_dict(),
-                    "optimizer": opt.state_dict(), "step": step, "elapsed_s": elapsed_s,
-                    "total_steps": total_steps}, tmp)
+                    "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(), "step": int(step),
+                    "elapsed_s": float(elapsed_s),
+                    "total_steps": None if total_steps is None else int(total_steps)}, tmp)
         os.replace(tmp, ckpt_path)
         save_pretrained_dir(out / "latest", ema_tr, ema_te, tokenizer, meta())
 

@@ -98,6 +98,42 @@ def backward_simulation(
     raise AssertionError("unreachable")
 
 
+def fake_score_objective(
+    fake_v: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x_e: torch.Tensor,
+    sigma_e: torch.Tensor,
+    target: torch.Tensor,
+    scale: torch.Tensor,
+    a: ACDMDConfig,
+    *,
+    generator: torch.Generator,
+    draw_jumps: Callable[[], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Spec §2.5, the fake-score loss ``L_ac + gamma * L_cons`` at the renoised ``(x_e, sigma_e)`` (the RL
+    stage's aux update reuses it); returns ``(loss, L_ac, L_cons or None when gamma = a.consistency_weight is
+    0)``. ``draw_jumps`` draws the consistency jump steps, only when the term is on (None: drawn inside)."""
+    v = fake_v(x_e, sigma_e)
+    loss_ac = acdmd.fake_score_loss(
+        v, target, scale, a.fake_loss_weight_min, a.fake_loss_weight_max, move_scale_out=a.move_scale_out
+    )
+    if not a.consistency_weight > 0:
+        return loss_ac, loss_ac, None
+    loss_cons = acdmd.consistency_loss(
+        fake_v,
+        x_e,
+        sigma_e,
+        v,
+        eta=a.transition_eta,
+        epsilon_timestep=a.consistency_max_jump_timesteps,
+        num_steps=a.consistency_num_steps,
+        two_sample=a.consistency_two_sample,
+        stopgrad_transitions=a.consistency_stopgrad_transitions,
+        jump_steps=draw_jumps() if draw_jumps is not None else None,
+        generator=generator,
+    )
+    return loss_ac + a.consistency_weight * loss_cons, loss_ac, loss_cons
+
+
 # --------------------------------------------------------------------------------------------- iteration
 class ColdStartIteration:
     """The AC-DMD iteration on one rank; holds the configs and the (cached) unconditional embedding.
@@ -226,27 +262,11 @@ class ColdStartIteration:
         def fake_v(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
             return self.s.velocity("fake_score", x, sigma, cond)
 
-        v = fake_v(x_e, sigma_e)
-        loss_ac = acdmd.fake_score_loss(
-            v, target, scale, a.fake_loss_weight_min, a.fake_loss_weight_max, move_scale_out=a.move_scale_out
+        loss, loss_ac, loss_cons = fake_score_objective(
+            fake_v, x_e, sigma_e, target, scale, a, generator=self.s.local, draw_jumps=self._draw_jumps
         )
-        loss = loss_ac
         out = {"learner/fake/loss_ac": float(loss_ac.detach())}
-        if a.consistency_weight > 0:
-            loss_cons = acdmd.consistency_loss(
-                fake_v,
-                x_e,
-                sigma_e,
-                v,
-                eta=a.transition_eta,
-                epsilon_timestep=a.consistency_max_jump_timesteps,
-                num_steps=a.consistency_num_steps,
-                two_sample=a.consistency_two_sample,
-                stopgrad_transitions=a.consistency_stopgrad_transitions,
-                jump_steps=self._draw_jumps(),
-                generator=self.s.local,
-            )
-            loss = loss + a.consistency_weight * loss_cons
+        if loss_cons is not None:
             out["learner/fake/loss_consistency"] = float(loss_cons.detach())
         loss.backward()
         step = self.s.optimizers["fake_score"].step()

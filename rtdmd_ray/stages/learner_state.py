@@ -59,6 +59,18 @@ ROLES = ("generator", "fake_score")
 TEACHER = None  # the adapter set of the teacher: the base with every adapter disabled
 
 
+def build_model_backbone(model: ModelConfig, device: torch.device, seed: int) -> Any:
+    """The ``model`` section's backbone on ``device``: the learner ranks and the samplers build the same base
+    from the same seed (tiny models) or the same files."""
+    return build_backbone(
+        model.backbone,
+        pretrained_path=model.pretrained_path or None,
+        dtype=model.dtype,
+        device=device,
+        seed=seed,
+    )
+
+
 def has_gpu() -> bool:
     """Whether this process was given a GPU (Ray sets ``CUDA_VISIBLE_DEVICES`` for actors with GPUs)."""
     return bool(os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()) and torch.cuda.device_count() > 0
@@ -247,13 +259,7 @@ class LearnerState:
         self.autocast_dtype = TORCH_DTYPES[train.autocast_dtype]
 
         # identical seeds on every rank: every rank builds the same base and the same adapter init
-        self.backbone = build_backbone(
-            model.backbone,
-            pretrained_path=model.pretrained_path or None,
-            dtype=model.dtype,
-            device=self.device,
-            seed=train.seed,
-        )
+        self.backbone = build_model_backbone(model, self.device, train.seed)
         t = self.backbone.transformer
         for i, role in enumerate(ROLES):
             lora: LoRAConfig = getattr(model, f"{role}_lora")

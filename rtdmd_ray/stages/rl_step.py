@@ -46,6 +46,7 @@ from rtdmd_ray.config import (
     SamplingConfig,
     TrainConfig,
 )
+from rtdmd_ray.stages.cold_start_step import fake_score_objective
 from rtdmd_ray.stages.learner_state import DistContext, LearnerState, Stopwatch, to_local
 from rtdmd_ray.stages.rl_state import RLLearnerState
 from rtdmd_ray.types import RolloutBatch, ScoredBatch
@@ -144,6 +145,11 @@ class TermGradients:
             p.grad = None if not parts else sum(parts[1:], parts[0])
         self.grads = {}
         return out
+
+
+def flat_local(params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """This rank's part of ``params`` (its shards under fsdp2) as one detached fp64 vector."""
+    return torch.cat([to_local(p).detach().reshape(-1).double() for p in params])
 
 
 # ------------------------------------------------------------------------------------ the epoch update
@@ -254,30 +260,10 @@ class RLUpdate:
                 def fake_v(x: torch.Tensor, sigma: torch.Tensor, cond: Any = cond) -> torch.Tensor:
                     return self.s.velocity("fake_score", x, sigma, cond)
 
-                v = fake_v(x_e, sigma_e)
-                loss_ac = acdmd.fake_score_loss(
-                    v,
-                    target,
-                    scale,
-                    a.fake_loss_weight_min,
-                    a.fake_loss_weight_max,
-                    move_scale_out=a.move_scale_out,
+                loss, loss_ac, loss_cons = fake_score_objective(
+                    fake_v, x_e, sigma_e, target, scale, a, generator=self.s.local
                 )
-                loss = loss_ac
-                if a.consistency_weight > 0:
-                    loss_cons = acdmd.consistency_loss(
-                        fake_v,
-                        x_e,
-                        sigma_e,
-                        v,
-                        eta=a.transition_eta,
-                        epsilon_timestep=a.consistency_max_jump_timesteps,
-                        num_steps=a.consistency_num_steps,
-                        two_sample=a.consistency_two_sample,
-                        stopgrad_transitions=a.consistency_stopgrad_transitions,
-                        generator=self.s.local,
-                    )
-                    loss = loss + a.consistency_weight * loss_cons
+                if loss_cons is not None:
                     out["learner/fake/loss_consistency"] += float(loss_cons.detach()) * x_s.shape[0] / n
                 # chunks weighted by their share of the samples: one optimiser step per epoch
                 (loss * (x_s.shape[0] / (n * len(self.aux_steps)))).backward()
@@ -358,7 +344,7 @@ class RLUpdate:
     def _update_size(self, before: torch.Tensor, opt: Any) -> dict[str, float]:
         """``learner/generator/update_norm`` (``|dtheta|`` of the trainable LoRA this epoch) and
         ``update_rel`` (``|dtheta| / |theta|`` before the update)."""
-        after = torch.cat([to_local(p).detach().reshape(-1).double() for p in opt.params])
+        after = flat_local(opt.params)
         sq = torch.stack([(after - before).square().sum(), before.square().sum()])
         if not opt.average_grads and self.s.dist.active:  # fsdp2: each rank holds a shard
             self.s.dist.sum_tensor(sq)
@@ -392,7 +378,7 @@ class RLUpdate:
             self.term_grads = TermGradients(opt.params, s.dist, averaged=opt.average_grads)
         tracker = self.term_grads
         term_stats: list[dict[str, float]] = []
-        before = torch.cat([to_local(p).detach().reshape(-1).double() for p in opt.params])
+        before = flat_local(opt.params)
         n_ppo = max(1, g.inner_epochs * nb * len(ppo_steps))
         n_aux = max(1, g.inner_epochs * self.aux_micro_batches * len(self.aux_steps))
         s.transformer.train()

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from rtdmd_ray.roles.weight_sync import pack_buckets, tensor_layout, unpack_buckets
+from tests import weight_sync_helpers
+from tests.weight_sync_helpers import assert_bit_equal, lora_like_state
 
 pytestmark = pytest.mark.gpu
 
@@ -21,16 +23,8 @@ needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL 
 
 def lora_state(seed: int, device: str) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    state = {}
-    for i in range(4):
-        state[f"blocks.{i}.attn.to_q.lora_A.weight"] = torch.randn(32, 1536, generator=g)
-        state[f"blocks.{i}.attn.to_q.lora_B.weight"] = torch.randn(1536, 32, generator=g).to(torch.bfloat16)
-        state[f"blocks.{i}.ff.lora_A.weight"] = torch.randn(32, 512, generator=g).to(torch.float16)
+    state = lora_like_state(g, blocks=4, rank=32, width=1536, ff_width=512)
     return {k: v.to(device) for k, v in state.items()}
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().contiguous().reshape(-1).view(torch.uint8).cpu()
 
 
 @needs_cuda
@@ -39,10 +33,7 @@ def test_cuda_buckets_bit_exact_and_cpu_buckets_from_cuda_state():
     for device in ("cuda", "cpu"):  # nccl packs on the GPU; gloo packs a GPU learner's state into CPU buckets
         buckets, manifest = pack_buckets(state, bucket_mib=0.25, version=3, device=device)
         assert len(buckets) > 1 and all(b.device.type == device for b in buckets)
-        out = unpack_buckets(buckets, manifest)
-        for k, v in state.items():
-            assert out[k].dtype == v.dtype and out[k].shape == v.shape
-            assert torch.equal(bits(out[k]), bits(v)), k
+        assert_bit_equal(unpack_buckets(buckets, manifest), state)
 
 
 class NcclSender:
@@ -83,6 +74,7 @@ def test_nccl_sync_between_gpu_actors(ray_local):
     from rtdmd_ray.roles.groups import RoleResources, create_actor_group, gather
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.cloudpickle.register_pickle_by_value(weight_sync_helpers)
     res = RoleResources(count=1, cpus_per_actor=1, gpus_per_actor=1)
     senders = create_actor_group(NcclSender, res, role="learner")
     receivers = create_actor_group(NcclReceiver, res, role="sampler")
@@ -94,8 +86,7 @@ def test_nccl_sync_between_gpu_actors(ray_local):
             named, got = gather([receivers[0].recv.remote(ticket)], timeout_s=120, what="nccl recv")[0]
             ray_local.get(senders[0].wait.remote())
             assert got == version
-            for k, v in lora_state(seed, "cpu").items():
-                assert torch.equal(bits(named[k]), bits(v)), k
+            assert_bit_equal(named, lora_state(seed, "cpu"))
         ray_local.get(join)
     finally:
         senders.shutdown()

@@ -18,11 +18,14 @@ import torch
 
 from rtdmd_ray.roles.groups import RoleResources, create_actor_group, create_learner_group, gather
 from rtdmd_ray.roles.weight_sync import ManifestMismatchError, tensor_layout
+from tests import weight_sync_helpers
+from tests.weight_sync_helpers import assert_bit_equal, lora_like_state
 
 pytestmark = pytest.mark.ray
 
-# test modules are not importable inside Ray workers: ship this module's code by value
+# test modules are not importable inside Ray workers: ship this module's code (and its helpers') by value
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+ray.cloudpickle.register_pickle_by_value(weight_sync_helpers)
 
 TINY_BUCKET_MIB = 2048 / 2**20  # 2 KiB buckets: the state below spans several
 TIMEOUT_S = 60.0
@@ -31,11 +34,7 @@ TIMEOUT_S = 60.0
 def lora_state(seed: int, *, wrong_shape: bool = False) -> dict[str, torch.Tensor]:
     """A LoRA-like state dict of mixed dtypes (~10 KiB); the same seed gives the same bits anywhere."""
     g = torch.Generator().manual_seed(seed)
-    state = {}
-    for i in range(3):
-        state[f"blocks.{i}.attn.to_q.lora_A.weight"] = torch.randn(4, 96, generator=g)
-        state[f"blocks.{i}.attn.to_q.lora_B.weight"] = torch.randn(96, 4, generator=g).to(torch.bfloat16)
-        state[f"blocks.{i}.ff.lora_A.weight"] = torch.randn(4, 32, generator=g).to(torch.float16)
+    state = lora_like_state(g, blocks=3, rank=4, width=96, ff_width=32)
     if wrong_shape:
         state["blocks.0.attn.to_q.lora_A.weight"] = torch.randn(8, 96, generator=g)
     return state
@@ -92,13 +91,6 @@ class SyncSampler:
 
     def version(self) -> int:
         return self.receiver.version
-
-
-def assert_bit_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert list(a) == list(b)
-    for k in a:
-        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
-        assert torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)), k
 
 
 @pytest.fixture(scope="module")

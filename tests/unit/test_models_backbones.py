@@ -31,12 +31,7 @@ STEPS = (1000, 750, 500, 250)
 PROMPTS = ["a red cube left of a blue ball", "two green cats"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,7 @@ PROMPTS = ["a red cube", "two green cats"]
 RANK, ALPHA = 4, 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def random_lora_like(state, seed, scale=0.05):

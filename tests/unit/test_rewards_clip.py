@@ -146,7 +146,7 @@ def test_aesthetic_is_linear_mlp_on_normalised_embedding(clip_dir, tmp_path):
     m = s.tower.model
     emb = m.visual_projection(m.vision_model(pixel_values=pix).pooler_output)
     emb = emb / emb.norm(dim=-1, keepdim=True)
-    sd = torch.load(tmp_path / "sac+logos+ava1-l14-linearMSE.pth")
+    sd = torch.load(tmp_path / "sac+logos+ava1-l14-linearMSE.pth", weights_only=True)
     h = emb
     for i in (0, 2, 4, 6, 7):  # no activations between the linear layers
         h = h @ sd[f"layers.{i}.weight"].T + sd[f"layers.{i}.bias"]

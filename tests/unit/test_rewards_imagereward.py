@@ -51,7 +51,7 @@ def _timm_vit(sd, pixels, heads):
 
 
 def test_vision_mapping_matches_timm_forward(ir_root, scorer):
-    sd = torch.load(ir_root / "ImageReward" / "ImageReward.pt")
+    sd = torch.load(ir_root / "ImageReward" / "ImageReward.pt", weights_only=True)
     pixels = torch.randn(2, 3, 32, 32)
     want = _timm_vit(sd, pixels, heads=2)
     got = scorer.vision(pixel_values=pixels).last_hidden_state

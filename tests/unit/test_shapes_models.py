@@ -29,12 +29,7 @@ needs_clip = pytest.mark.skipif(
     reason=f"no shipped tiny CLIP at {SHIPPED_CLIP} (rtdmd-ray shapes train-clip)")
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_tokenizer_round_trips_and_fits(tmp_path):

@@ -15,6 +15,7 @@ from rtdmd_ray.roles.weight_sync import (
     tensor_layout,
     unpack_buckets,
 )
+from tests.weight_sync_helpers import assert_bit_equal
 
 
 def mixed_state(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -30,15 +31,6 @@ def mixed_state(seed: int = 0) -> dict[str, torch.Tensor]:
         "odd_uint8": torch.randint(0, 255, (13,), dtype=torch.uint8, generator=g),
         "nan_payloads": nan_payload,  # bit patterns must survive, not just values
     }
-
-
-def assert_bit_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert list(a) == list(b)
-    for k in a:
-        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
-        ra = a[k].contiguous().reshape(-1).view(torch.uint8)
-        rb = b[k].contiguous().reshape(-1).view(torch.uint8)
-        assert torch.equal(ra, rb), k
 
 
 def test_pack_unpack_bit_exact_mixed_dtypes():
