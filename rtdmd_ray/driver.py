@@ -3,15 +3,17 @@
 One epoch is SAMPLE -> SCORE -> ADVANTAGE + UPDATE -> SYNC WEIGHTS -> LOG / CHECKPOINT, each phase one call
 into a role:
 
-* ``SamplerGroup`` (rollout.py): K-repeat prompt groups, 4-step CPS trajectories with log-probs, SubGRPO
-shared
-  noise, decoded images; every ``RolloutBatch`` carries the policy version that sampled it.
-* ``RewardPool`` (reward.py): each sampler call's images are scored the moment that call finishes, so scoring
-  overlaps sampling.
-* ``RLLearnerGroup`` (rl_step.py): per rank, the fake-score update, the advantages over all ranks, then the
-  generator update (PPO on the selected steps + AC-DMD aux + reward BP), one optimiser step per epoch by
-  default.
-* weight sync (weight_sync.py): the generator LoRA goes to every sampler as policy version ``epoch + 1``.
+* ``SamplerGroup`` (roles/sampler.py): K-repeat prompt groups, 4-step CPS trajectories with log-probs, SubGRPO
+  shared noise, decoded images; every ``RolloutBatch`` carries the policy version that sampled it.
+* ``RewardPool`` (roles/reward_pool.py): each sampler call's images are scored the moment that call finishes,
+  so scoring overlaps sampling.
+* ``RLLearnerGroup`` (roles/learner.py, the update itself in stages/rl_step.py): per rank, the fake-score
+  update, the advantages over all ranks, then the generator update (PPO on the selected steps + AC-DMD aux +
+  reward BP), one optimiser step per epoch by default.
+* weight sync (roles/weight_sync.py): the generator LoRA goes to every sampler as policy version
+  ``epoch + 1``.
+
+The Stage 1 loop is its peer ``cold_start.py``; the layers are drawn in docs/architecture.md.
 
 A learner rank that dies ends the job: the group kills its ranks (the survivors may block in a collective),
 ``train`` stops the other roles and raises ``LearnerFailure`` naming the rank, the epoch and the checkpoint

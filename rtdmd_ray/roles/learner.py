@@ -351,7 +351,7 @@ def _dead_rank(refs: list[Any]) -> tuple[Any, BaseException] | None:
 
 class RankCalls:
     """Calls on every learner rank that fail fast: a dead rank kills the group and raises ``LearnerFailure``
-    (``LearnerGroup`` and ``rl_step.RLLearnerGroup``). Needs ``group``, ``timeout_s``, ``output_dir``,
+    (``LearnerGroup`` and ``RLLearnerGroup``). Needs ``group``, ``timeout_s``, ``output_dir``,
     ``resume`` and ``progress`` (what the ranks are doing, for the message)."""
 
     group: Any
@@ -609,7 +609,7 @@ class RLLearnerGroup(RankCalls):
         return self.map_ranked(call, what=f"learner update {epoch}")[0]
 
     def save_checkpoint(self, output_dir: str, keep_last: int) -> str:
-        """Every rank writes its part; returns the checkpoint directory (``checkpoint.py`` layout)."""
+        """Every rank writes its part; returns the checkpoint directory (``runs/checkpoint.py`` layout)."""
         return self.call("save_checkpoint", output_dir, keep_last)[0]
 
     def load_checkpoint(self, path: str) -> int:
@@ -621,7 +621,7 @@ class RLLearnerGroup(RankCalls):
         return epochs[0]
 
     def evaluate(self, image_path: str | None = None) -> dict[str, float]:
-        """Eval metrics of the (EMA) generator stack, identical on every rank (``eval_hooks.EvalHook``)."""
+        """Eval metrics of the (EMA) generator stack, the same on every rank (``validation.EvalHook``)."""
         return self.call("evaluate", image_path)[0]
 
     def call(self, method: str, *args: Any) -> list[Any]:
