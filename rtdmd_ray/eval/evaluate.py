@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -280,30 +279,17 @@ def summarize_row(state: RowState, sets: Sequence[PromptSet], weights: Mapping[s
 
 # --------------------------------------------------------------------------------------- the eval
 def _start_ray(cfg: Config, address: str | None) -> None:
-    import ray
+    from rtdmd_ray.roles.groups import init_ray
 
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS") or "local"
     r = cfg.resources.eval_worker
-    kwargs: dict[str, Any] = {}
-    if address == "local":
-        kwargs["num_cpus"] = max(math.ceil(r.count * r.cpus_per_actor), os.cpu_count() or 1)
-    ray.init(address=address, include_dashboard=False, log_to_driver=True, **kwargs)
+    init_ray(address, r.count * r.cpus_per_actor)
 
 
 def _create_workers(cfg: Config) -> Any:
     from rtdmd_ray.roles.groups import RoleResources, create_actor_group
 
     r = cfg.resources.eval_worker
-    res = RoleResources(
-        count=r.count,
-        cpus_per_actor=r.cpus_per_actor,
-        gpus_per_actor=r.gpus_per_actor,
-        custom=r.custom,  # Ray custom resources: pin the role to its nodes
-        max_restarts=r.max_restarts,
-        max_task_retries=r.max_task_retries,
-    )
+    res = RoleResources.from_config(r)  # with Ray custom resources: pins the role to its nodes
     threads = max(1, int(r.cpus_per_actor)) if r.gpus_per_actor == 0 else None
     group = create_actor_group(
         EvalWorker,

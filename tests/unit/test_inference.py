@@ -25,14 +25,7 @@ from rtdmd_ray.stages.inference import (
 
 PROMPTS = ["a red circle", "a blue square", "two green triangles", "a photo of a cat", "a city at night"]
 BASE = ["stage=inference", "model.resolution_px=16", "eval.batch_images=2"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
