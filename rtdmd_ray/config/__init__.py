@@ -5,17 +5,17 @@ raised before anything starts; ``Config.validate()`` checks the cross-field arit
 the message. Files: fieldtypes.py (field types, ``FrozenDict``, the ``section`` decorator), errors.py
 (``ConfigError``, pydantic errors into one-line messages), registries.py (name tables), schema.py (the
 sections and ``Config``), rules.py (cross-field checks), loading.py (YAML, ``inherit``, overrides,
-``load_config``), dump.py (``to_dict``, ``dump_yaml``, ``reference_yaml``). Layer 0 (a foundation
+``load_config``, ``reference_yaml``), dump.py (``to_dict``, ``dump_yaml``). Layer 0 (a foundation
 layer): it imports nothing else from rtdmd_ray (keep it so; `rtdmd-ray validate` must not import torch), and
 the rest of the package imports it only through this module. Relative paths in a config are relative to the
 repository root (``resolve_path``). Regenerate ``configs/reference.yaml`` with
 ``python -m rtdmd_ray.config reference``.
 """
 
-from rtdmd_ray.config.dump import dump_yaml, field_docs, reference_yaml, to_dict
+from rtdmd_ray.config.dump import dump_yaml, field_docs, to_dict
 from rtdmd_ray.config.errors import ConfigError
 from rtdmd_ray.config.fieldtypes import FrozenDict
-from rtdmd_ray.config.loading import apply_overrides, config_from_dict, load_config
+from rtdmd_ray.config.loading import apply_overrides, config_from_dict, load_config, reference_yaml
 from rtdmd_ray.config.registries import (
     BACKBONE_FAMILY,
     DEFAULT_LORA_TARGETS,
