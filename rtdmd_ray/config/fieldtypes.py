@@ -54,7 +54,12 @@ class FrozenDict(dict):
 
 
 def _hashable(v: Any) -> Any:
-    return tuple(sorted(v.items())) if isinstance(v, dict) else v
+    """A hashable stand-in for nested maps and lists (runtime_env values nest both)."""
+    if isinstance(v, dict):
+        return tuple(sorted((k, _hashable(x)) for k, x in v.items()))
+    if isinstance(v, list | tuple):
+        return tuple(_hashable(x) for x in v)
+    return v
 
 
 def _number(value: Any) -> float | None:

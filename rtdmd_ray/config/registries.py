@@ -46,3 +46,9 @@ DEFAULT_LORA_TARGETS: dict[str, tuple[str, ...]] = {
 RAY_BUILTIN_RESOURCES: frozenset[str] = frozenset({"CPU", "GPU", "memory", "object_store_memory"})
 
 PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+
+# the per-reward fields of a Ray Serve reward deployment (rewards.serve and rewards.serve.per_reward.<name>)
+SERVE_DEPLOYMENT_FIELDS: tuple[str, ...] = (
+    "min_replicas", "max_replicas", "target_ongoing_requests", "cpus_per_replica", "gpus_per_replica",
+    "batch_wait_timeout_s", "upscale_delay_s", "downscale_delay_s",
+)

@@ -18,6 +18,7 @@ from rtdmd_ray.config.registries import (
     NEEDS_PRETRAINED_PATH,
     RAY_BUILTIN_RESOURCES,
     RESOLUTION_MULTIPLE_PX,
+    SERVE_DEPLOYMENT_FIELDS,
 )
 
 if TYPE_CHECKING:
@@ -103,6 +104,35 @@ def check(cfg: Config) -> list[str]:
                       *((f"rewards.devices.{k}", v) for k, v in cfg.rewards.devices.items())]:
         if not dev_re.match(dev):
             p.append(f"{path}='{dev}' must be auto, cpu, cuda or cuda:N")
+
+    # reward serving (Ray Serve deployments)
+    rs = cfg.rewards.serve
+    if cfg.rewards.serving not in ("serve", "actors"):
+        p.append(f"rewards.serving='{cfg.rewards.serving}' must be serve (one Ray Serve deployment per "
+                 "reward) or actors (the resources.reward_worker pool)")
+    reward_names("rewards.serve.per_reward", rs.per_reward)
+    reward_names("rewards.serve.runtime_env", rs.runtime_env)
+    for name in ("", *rs.per_reward):
+        d = rs.for_reward(name) if name else {f: getattr(rs, f) for f in SERVE_DEPLOYMENT_FIELDS}
+        where = f"rewards.serve.per_reward.{name}" if name else "rewards.serve"
+        for key in d:
+            if key not in SERVE_DEPLOYMENT_FIELDS:
+                close = difflib.get_close_matches(key, SERVE_DEPLOYMENT_FIELDS, n=1)
+                fields = ", ".join(SERVE_DEPLOYMENT_FIELDS)
+                hint = f"did you mean {close[0]}?" if close else f"fields: {fields}"
+                p.append(f"{where}.{key} is not a deployment field: {hint}")
+        known = {k: v for k, v in d.items() if k in SERVE_DEPLOYMENT_FIELDS}
+        for key, value in known.items():
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                p.append(f"{where}.{key}={value!r} must be a number")
+        if any(isinstance(v, bool) or not isinstance(v, int | float) for v in known.values()):
+            continue
+        if known["min_replicas"] < 1 or known["max_replicas"] < known["min_replicas"]:
+            p.append(f"{where}: min_replicas={known['min_replicas']}, max_replicas={known['max_replicas']} "
+                     "need 1 <= min_replicas <= max_replicas")
+        for key in ("target_ongoing_requests", "cpus_per_replica", "gpus_per_replica", "batch_wait_timeout_s",
+                    "upscale_delay_s", "downscale_delay_s"):
+            positive(f"{where}.{key}", known[key], zero_ok=True)
 
     # resources, sync
     for role in ("sampler", "reward_worker", "learner", "eval_worker"):

@@ -12,7 +12,7 @@ the cross-field rules of rules.py.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from rtdmd_ray.config.errors import ConfigError
 from rtdmd_ray.config.fieldtypes import (
@@ -30,6 +30,7 @@ from rtdmd_ray.config.fieldtypes import (
 from rtdmd_ray.config.registries import (
     BACKBONE_FAMILY,
     DEFAULT_LORA_TARGETS,
+    SERVE_DEPLOYMENT_FIELDS,
     Backbone,
     PlacementStrategy,
 )
@@ -441,6 +442,48 @@ class TrainConfig:
 
 
 @section
+class RewardServeConfig:
+    """Ray Serve deployments of the training rewards (``rewards.serving: serve``): one deployment per reward,
+    each with its own replicas, resources and micro-batching, autoscaled on its queue.
+
+    Attributes:
+        min_replicas: replicas a reward keeps while idle (>= 1: a job never waits for a cold start).
+        max_replicas: replicas a reward may grow to while its queue is backed up.
+        target_ongoing_requests: queued + running images per replica that autoscaling aims for; 0 = the
+            reward's ``rewards.batch_images`` (one micro-batch waiting per replica).
+        cpus_per_replica: logical CPUs each replica reserves.
+        gpus_per_replica: GPUs each replica reserves (fractions share a GPU).
+        batch_wait_timeout_s: how long a replica waits to fill a micro-batch of ``rewards.batch_images``.
+        upscale_delay_s: how long the queue must stay above target before replicas are added.
+        downscale_delay_s: how long the queue must stay below target before replicas are removed.
+        per_reward: overrides of the fields above per reward {name: {field: value}}, e.g.
+            {geneval2: {gpus_per_replica: 1, max_replicas: 4}}.
+        runtime_env: a Ray runtime_env per reward {name: {pip: [...], env_vars: {...}}}: a reward with
+            conflicting pins (GenEval's mmdet 2.x) gets its own environment.
+        app_name: the Serve application a run starts ("" = "rtdmd-rewards-<pid>"); `rtdmd-ray
+            serve-rewards` starts it under this name for `rewards.serve_app` to attach to.
+    """
+
+    min_replicas: Int = 1
+    max_replicas: Int = 1
+    target_ongoing_requests: Float = 0.0
+    cpus_per_replica: Float = 1.0
+    gpus_per_replica: Float = 0.0
+    batch_wait_timeout_s: Float = 0.01
+    upscale_delay_s: Float = 2.0
+    downscale_delay_s: Float = 30.0
+    per_reward: Map[Map[Scalar]] = field(default_factory=FrozenDict)
+    runtime_env: Map[Map[Any]] = field(default_factory=FrozenDict)
+    app_name: Str = ""
+
+    def for_reward(self, name: str) -> dict[str, Any]:
+        """The deployment fields of reward ``name``: the defaults above with its ``per_reward`` overrides."""
+        out = {f: getattr(self, f) for f in SERVE_DEPLOYMENT_FIELDS}
+        out.update(self.per_reward.get(name, {}))
+        return out
+
+
+@section
 class RewardsConfig:
     """Training rewards and how the reward pool runs the scorers (spec rewards-inference.md §1-§2).
 
@@ -452,6 +495,12 @@ class RewardsConfig:
         devices: per-reward device overrides {name: device}.
         batch_images: images per scorer call {name: int}; a reward not listed scores a whole batch at once.
         options: scorer constructor options {name: {option: value}}, e.g. clipscore: {model: <dir or hub id>}.
+        serving: how the RL stage runs the scorers: "serve" (one Ray Serve deployment per reward, autoscaled,
+            `rewards.serve`) or "actors" (the fixed pool of `resources.reward_worker` actors, each hosting
+            every reward).
+        serve_app: attach to the reward deployments of a running Serve application of this name (started by
+            `rtdmd-ray serve-rewards CONFIG`) instead of starting them; "" = the run starts its own.
+        serve: the deployments' replicas, resources and batching (serving: serve).
     """
 
     weights: Map[Float] = field(default_factory=lambda: FrozenDict(
@@ -461,6 +510,9 @@ class RewardsConfig:
     devices: Map[Str] = field(default_factory=FrozenDict)
     batch_images: Map[Int] = field(default_factory=FrozenDict)
     options: Map[Map[Scalar]] = field(default_factory=FrozenDict)
+    serving: Str = "actors"
+    serve_app: Str = ""
+    serve: RewardServeConfig = field(default_factory=RewardServeConfig)
 
     def device_for(self, name: str) -> str:
         return self.devices.get(name, self.device)
