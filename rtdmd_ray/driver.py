@@ -65,7 +65,6 @@ def train(
     from rtdmd_ray.roles.groups import STOP_GRACE_S, init_ray
     from rtdmd_ray.roles.learner import LearnerFailure, RLLearnerGroup
     from rtdmd_ray.roles.reward_pool import (
-        RewardPool,
         quarantine_warning,
         reward_metrics,
         tag_reward_metrics,
@@ -80,7 +79,7 @@ def train(
     g, t = cfg.grpo, cfg.train
     out, resume_from = ckpt.prepare_run_dir(cfg)
     r = cfg.resources
-    init_ray(ray_address, sum(x.count * x.cpus_per_actor for x in (r.sampler, r.reward_worker, r.learner)))
+    init_ray(ray_address, sum(x.count * x.cpus_per_actor for x in (r.sampler, r.learner)) + reward_cpus(cfg))
     records = training_prompt_records(cfg.data)
     eval_every = cfg.eval.every_iterations if cfg.eval.enabled else 0
 
@@ -90,7 +89,7 @@ def train(
     try:
         roles["learners"] = learners = RLLearnerGroup(cfg)
         roles["samplers"] = samplers = SamplerGroup(cfg, record_noise=record_noise)
-        roles["rewards"] = rewards = RewardPool(rewards=cfg.rewards, resources=cfg.resources.reward_worker)
+        roles["rewards"] = rewards = start_rewards(cfg)
         # policy version = epochs (generator updates) done; samplers start from the learner's weights
         start = learners.load_checkpoint(str(resume_from)) if resume_from else 0
         version = start
@@ -189,6 +188,32 @@ def train(
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def start_rewards(cfg: Config) -> Any:
+    """The reward role: one autoscaled Ray Serve deployment per reward (``rewards.serving: serve``, or
+    attached to ``rewards.serve_app``), or the fixed actor pool (``actors``); both score with ``MultiScorer``
+    semantics into ``ScoredBatch``es."""
+    if cfg.rewards.serving == "serve":
+        from rtdmd_ray.roles.reward_serve import RewardServePool
+
+        return RewardServePool(rewards=cfg.rewards)
+    from rtdmd_ray.roles.reward_pool import RewardPool
+
+    return RewardPool(rewards=cfg.rewards, resources=cfg.resources.reward_worker)
+
+
+def reward_cpus(cfg: Config) -> float:
+    """The CPUs the reward role may hold at most (a local cluster is sized to fit them)."""
+    if cfg.rewards.serving == "serve":
+        if cfg.rewards.serve_app:  # the shared application's replicas are already placed
+            return 0.0
+        return sum(
+            float(d["max_replicas"]) * float(d["cpus_per_replica"])
+            for d in (cfg.rewards.serve.for_reward(n) for n in cfg.rewards.weights)
+        )
+    r = cfg.resources.reward_worker
+    return r.count * r.cpus_per_actor
+
+
 def connect_weight_sync(
     cfg: Config, learners: Any, samplers: Any, version: int, previous: bool = False
 ) -> dict[str, float]:

@@ -118,26 +118,20 @@ class MultiScorer:
             raise ValueError(f"MultiScorer: {n} images but {len(prompts)} prompts")
         if metadata is not None and len(metadata) != n:
             raise ValueError(f"MultiScorer: {n} images but {len(metadata)} metadata entries")
-        out: dict[str, torch.Tensor] = {}
-        total = torch.zeros(n, dtype=torch.float32)
-        for name, scorer in self.scorers.items():
-            result = self._score_one(name, scorer, images, list(prompts), metadata)
-            total = total + self.weights[name] * result[name]
-            for key, value in result.items():
-                clash = key in out or key in self.scorers or key == MEAN_KEY
-                out_key = key if key == name or not clash else f"{name}_{key}"
-                out[out_key] = value
-        out[MEAN_KEY] = total
-        return out
+        results = {
+            name: self.score_reward(name, images, list(prompts), metadata) for name in self.scorers
+        }
+        return merge_reward_results(results, self.weights, n)
 
-    def _score_one(
+    def score_reward(
         self,
         name: str,
-        scorer: Scorer,
         images: torch.Tensor,
         prompts: list[str],
         metadata: Sequence[dict[str, Any]] | None,
     ) -> dict[str, torch.Tensor]:
+        """One reward's ``{key: [B]}`` (its own name first among the keys), in chunks of its batch size."""
+        scorer = self.scorers[name]
         parts: list[dict[str, torch.Tensor]] = []
         for sl in chunks(images.shape[0], self.batch_images.get(name)):
             md = list(metadata[sl]) if metadata is not None else None
@@ -163,6 +157,25 @@ class MultiScorer:
             s = self.weights[name] * self.scorers[name].score_differentiable(images, list(prompts))
             total = s if total is None else total + s
         return total
+
+
+def merge_reward_results(
+    results: Mapping[str, Mapping[str, torch.Tensor]], weights: Mapping[str, float], n: int
+) -> dict[str, torch.Tensor]:
+    """``MultiScorer``'s output from each reward's own ``{key: [n]}`` (in ``results``' order): every reward's
+    keys, an extra key that clashes with an earlier key or a reward name renamed ``"{reward}_{key}"``, and
+    ``"mean"`` = ``Σ w · score``. The Serve reward path (one deployment per reward) merges with this too, so
+    the advantages see the same numbers whichever way the rewards were scored."""
+    out: dict[str, torch.Tensor] = {}
+    total = torch.zeros(n, dtype=torch.float32)
+    for name, result in results.items():
+        total = total + weights[name] * result[name]
+        for key, value in result.items():
+            clash = key in out or key in results or key == MEAN_KEY
+            out_key = key if key == name or not clash else f"{name}_{key}"
+            out[out_key] = value
+    out[MEAN_KEY] = total
+    return out
 
 
 # ------------------------------------------------------------------------------------- eval routing

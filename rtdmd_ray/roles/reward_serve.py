@@ -1,0 +1,387 @@
+"""The reward role on Ray Serve (``rewards.serving: serve``): one deployment per training reward.
+
+Each reward in ``rewards.weights`` is its own Serve deployment ``reward_<name>`` with its own replicas,
+CPUs/GPUs, ``runtime_env`` and micro-batch (``rewards.serve``, ``rewards.batch_images``), autoscaled on its
+own queue, so a seconds-per-image VLM judge and a milliseconds-per-image CLIP score grow independently. One
+application holds them (an ingress ``RewardRouter`` that only lists them): a run starts its own and deletes it
+at the end, or attaches to a named long-lived one (``rewards.serve_app``, started by ``rtdmd-ray
+serve-rewards``), so train and eval on one cluster share one set of loaded reward models.
+
+``RewardServePool`` has the actor pool's interface (``score(jobs, resubmit)``, ``shutdown``): as each sampler
+call finishes, every image of it goes to every reward deployment as one request ``(ScoreRequest ref,
+index)``; a replica's ``@serve.batch`` gathers up to ``rewards.batch_images`` such requests into one scorer
+call and fetches each ScoreRequest from the object store once (the images never pass through the driver). The
+per-image results are merged with ``rewards.multi.merge_reward_results``, the function ``MultiScorer``
+merges with, and ``ScoredBatch.from_scores`` builds the weighted total and the NaN/inf quarantine exactly as
+the actor pool does. A request whose replica died (Serve replaces the replica) is sent again: every image is
+scored once per reward.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from rtdmd_ray.config import RewardsConfig
+from rtdmd_ray.rewards.multi import MEAN_KEY, merge_reward_results, resolve_scorer_options
+from rtdmd_ray.types import ScoredBatch
+
+DEPLOYMENT_PREFIX = "reward_"
+DEFAULT_BATCH_IMAGES = 16  # a reward without rewards.batch_images: micro-batches of this many images
+LOOK_BACK_S = 2.0  # autoscaling averages the queue over this window (short: a training epoch is seconds long)
+METRICS_INTERVAL_S = 0.5  # how often replicas and handles report their queues (Serve's default is 10 s)
+START_TIMEOUT_S = 600.0
+
+
+class RewardLoadError(RuntimeError):
+    """A reward deployment could not start (its scorer failed to load): one line naming the reward."""
+
+
+def deployment_name(reward: str) -> str:
+    return f"{DEPLOYMENT_PREFIX}{reward}"
+
+
+class RewardReplica:
+    """One replica of one reward's deployment: the reward's scorer, fed micro-batches of single images.
+
+    Args:
+        name: the reward; rewards: the ``rewards`` section (device, checkpoints, options, batch size).
+        threads: torch intra-op threads (the replica's CPUs).
+    """
+
+    def __init__(self, *, name: str, rewards: RewardsConfig, threads: int = 1) -> None:
+        from rtdmd_ray.rewards.multi import MultiScorer
+
+        torch.set_num_threads(max(1, threads))
+        device = rewards.device_for(name)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        batch = int(rewards.batch_images.get(name, DEFAULT_BATCH_IMAGES))
+        self.name = name
+        self.scorer = MultiScorer(
+            {name: float(rewards.weights.get(name, 1.0))},
+            ckpt_dir=rewards.ckpt_dir or None,
+            device=device,
+            batch_images={name: batch},
+            options=resolve_scorer_options(rewards.options, [name]),
+        )
+        if hasattr(self.score_image, "set_max_batch_size"):  # the Serve replica (``serve.batch``-wrapped)
+            self.score_image.set_max_batch_size(batch)
+            self.score_image.set_batch_wait_timeout_s(float(rewards.serve.for_reward(name)["batch_wait_timeout_s"]))
+        self.images_scored = 0
+
+    def _score(self, requests: list[Any], indices: list[int]) -> list[dict[str, float]]:
+        images = torch.stack([r.images[i] for r, i in zip(requests, indices, strict=True)]).float() / 255.0
+        prompts = [r.prompts[i] for r, i in zip(requests, indices, strict=True)]
+        metadata = [r.metadata[i] for r, i in zip(requests, indices, strict=True)]
+        out = self.scorer.score_reward(self.name, images, prompts, metadata)
+        self.images_scored += len(indices)
+        return [{k: float(v[j]) for k, v in out.items()} for j in range(len(indices))]
+
+    async def score_image(self, items: list[tuple[Any, int]]) -> list[dict[str, float]]:
+        """``items``: ``(ScoreRequest ref, image index)`` pairs (one request each, batched by Serve); returns
+        each image's ``{key: score}`` (the reward's own name and its extra keys)."""
+        refs = list(dict.fromkeys(ref for ref, _ in items))  # each ScoreRequest fetched once per batch
+        fetched = dict(zip(refs, await asyncio.gather(*refs), strict=True))
+        requests, indices = [fetched[ref] for ref, _ in items], [i for _, i in items]
+        # the scorer runs off the event loop, so the replica keeps queueing the next micro-batch meanwhile
+        return await asyncio.get_running_loop().run_in_executor(None, self._score, requests, indices)
+
+    async def __call__(self, item: tuple[Any, int]) -> dict[str, float]:
+        return await self.score_image(item)
+
+    def stats(self) -> dict[str, float]:
+        return {"images_scored": float(self.images_scored)}
+
+
+class RewardRouter:
+    """The application's ingress: knows the reward deployments (so ``serve.run`` deploys them with it)."""
+
+    def __init__(self, handles: dict[str, Any]) -> None:
+        self.names = sorted(handles)
+
+    async def __call__(self, *_: Any) -> list[str]:
+        return self.names
+
+
+def _serve_classes() -> tuple[Any, Any]:
+    """The Serve deployment classes, built on first use (importing ``ray.serve`` is heavy)."""
+    global _CLASSES
+    if _CLASSES is None:
+        from ray import serve
+
+        replica = type("RewardReplica", (RewardReplica,), {})
+        replica.score_image = serve.batch(max_batch_size=DEFAULT_BATCH_IMAGES, batch_wait_timeout_s=0.01)(
+            RewardReplica.score_image
+        )
+        _CLASSES = (serve.deployment(replica), serve.deployment(RewardRouter))
+    return _CLASSES
+
+
+_CLASSES: tuple[Any, Any] | None = None
+
+
+def reward_app(rewards: RewardsConfig, names: Sequence[str]) -> Any:
+    """The Serve application of the rewards ``names``: one autoscaled deployment each, behind a router."""
+    replica_dep, router_dep = _serve_classes()
+    bound = {}
+    for name in names:
+        d = rewards.serve.for_reward(name)
+        batch = int(rewards.batch_images.get(name, DEFAULT_BATCH_IMAGES))
+        target = float(d["target_ongoing_requests"]) or float(batch)
+        env = rewards.serve.runtime_env.get(name)
+        actor_options: dict[str, Any] = {"num_cpus": float(d["cpus_per_replica"]),
+                                         "num_gpus": float(d["gpus_per_replica"])}
+        if env:
+            actor_options["runtime_env"] = _plain(env)
+        bound[name] = replica_dep.options(
+            name=deployment_name(name),
+            autoscaling_config={
+                "min_replicas": int(d["min_replicas"]),
+                "initial_replicas": int(d["min_replicas"]),
+                "max_replicas": int(d["max_replicas"]),
+                "target_ongoing_requests": target,
+                "upscale_delay_s": float(d["upscale_delay_s"]),
+                "downscale_delay_s": float(d["downscale_delay_s"]),
+                "look_back_period_s": LOOK_BACK_S,
+                "metrics_interval_s": METRICS_INTERVAL_S,
+            },
+            # room for the micro-batch being scored and the next one filling up
+            max_ongoing_requests=max(2 * batch, math.ceil(2 * target)),
+            ray_actor_options=actor_options,
+        ).bind(name=name, rewards=rewards, threads=max(1, math.floor(float(d["cpus_per_replica"]))))
+    return router_dep.options(name="RewardRouter", num_replicas=1,
+                              ray_actor_options={"num_cpus": 0}).bind(bound)
+
+
+def _plain(x: Any) -> Any:
+    """Config maps (read-only ``FrozenDict``) as plain dicts and lists, as Ray's runtime_env wants them."""
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _failed_deployments(app_name: str) -> dict[str, str]:
+    """``{reward: first line of its error}`` for the reward deployments of ``app_name`` that failed."""
+    from ray import serve
+
+    app = serve.status().applications.get(app_name)
+    out = {}
+    for dep_name, dep in (app.deployments if app else {}).items():
+        if dep_name.startswith(DEPLOYMENT_PREFIX) and str(dep.status).split(".")[-1] in (
+            "DEPLOY_FAILED", "UNHEALTHY"
+        ):
+            out[dep_name[len(DEPLOYMENT_PREFIX):]] = _teaching_line(dep.message)
+    return out
+
+
+def _teaching_line(message: str) -> str:
+    """The scorer's own error out of a Serve failure message (its last ``SomeError: ...`` line)."""
+    lines = [ln.strip() for ln in str(message).splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        head = ln.split(":", 1)[0]
+        if head.endswith(("Error", "Missing", "Exception")) and " " not in head:
+            return ln
+    return lines[-1] if lines else "no message"
+
+
+def start_reward_app(rewards: RewardsConfig, names: Sequence[str], app_name: str) -> None:
+    """Deploy the reward application ``app_name`` and wait until every replica is up.
+
+    Raises:
+        RewardLoadError: a reward's scorer failed to load; one line naming the reward and its error (the
+            scorers' own errors name the missing file and the fix).
+    """
+    from ray import serve
+
+    serve.start(proxy_location="Disabled")  # handles only, no HTTP proxy (ignored when Serve already runs)
+    try:
+        serve.run(reward_app(rewards, names), name=app_name, route_prefix=None, blocking=False)
+        _wait_running(app_name, START_TIMEOUT_S)
+    except RewardLoadError:
+        raise
+    except Exception as e:  # serve.run's own failure message is a multi-line traceback: name the reward
+        failed = _failed_deployments(app_name)
+        _delete_quietly(app_name)
+        if failed:
+            name, line = next(iter(failed.items()))
+            raise RewardLoadError(f"reward {name} failed to load on its Serve replica: {line}") from None
+        line = _teaching_line(str(e))
+        raise RewardLoadError(f"reward application {app_name} failed to start: {line}") from e
+
+
+def _wait_running(app_name: str, timeout_s: float) -> None:
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        app = serve.status().applications.get(app_name)
+        status = str(app.status).split(".")[-1] if app else "NOT_STARTED"
+        if status == "RUNNING":
+            return
+        failed = _failed_deployments(app_name)
+        if failed or status == "DEPLOY_FAILED":
+            _delete_quietly(app_name)
+            name, line = next(iter(failed.items())) if failed else ("?", app.message if app else "")
+            raise RewardLoadError(f"reward {name} failed to load on its Serve replica: {line}")
+        if time.monotonic() > deadline:
+            raise RewardLoadError(f"reward application {app_name} not running after {timeout_s:.0f} s "
+                                  f"(status {status}); check `serve status` and the replicas' logs")
+        time.sleep(0.2)
+
+
+def _delete_quietly(app_name: str) -> None:
+    from ray import serve
+
+    try:
+        serve.delete(app_name)
+    except Exception:  # already gone, or Serve is shutting down
+        pass
+
+
+def replica_counts(app_name: str) -> dict[str, int]:
+    """``{reward: RUNNING replicas}`` of the reward deployments of ``app_name`` now (``serve.status()``)."""
+    from ray import serve
+
+    app = serve.status().applications.get(app_name)
+    if app is None:
+        return {}
+    return {
+        n[len(DEPLOYMENT_PREFIX):]: int(d.replica_states.get("RUNNING", 0))
+        for n, d in app.deployments.items()
+        if n.startswith(DEPLOYMENT_PREFIX)
+    }
+
+
+class RewardServePool:
+    """The reward deployments of one run, with the actor pool's ``score`` / ``shutdown`` interface.
+
+    Args:
+        rewards: the ``rewards`` section (``serve_app`` attaches to a running application instead of
+            starting one).
+        timeout_s: the longest a scoring phase may take.
+        max_attempts: how often one image's request is sent before the pool gives up (replica deaths).
+    """
+
+    def __init__(self, *, rewards: RewardsConfig, timeout_s: float = 3600.0, max_attempts: int = 3) -> None:
+        from ray import serve
+
+        self.names = list(rewards.weights)
+        self.weights = {k: float(v) for k, v in rewards.weights.items()}
+        self.timeout_s, self.max_attempts = timeout_s, max_attempts
+        self.owned = not rewards.serve_app
+        self.app_name = rewards.serve_app or rewards.serve.app_name or f"rtdmd-rewards-{os.getpid()}"
+        if self.owned:
+            start_reward_app(rewards, self.names, self.app_name)
+        else:
+            running = replica_counts(self.app_name)
+            missing = [n for n in self.names if n not in running]
+            if missing:
+                raise RewardLoadError(
+                    f"rewards.serve_app={self.app_name}: no running deployment for reward(s) {missing} (it "
+                    f"serves {sorted(running) or 'nothing'}); start it with `rtdmd-ray serve-rewards CONFIG "
+                    f"rewards.serve.app_name={self.app_name}` with these rewards, or set rewards.serve_app=''"
+                )
+        self.handles = {n: serve.get_deployment_handle(deployment_name(n), app_name=self.app_name)
+                        for n in self.names}
+        self.redispatched = 0  # image requests sent again after a replica died (whole run)
+        self.resubmitted = 0  # sampler calls submitted again after a sampler died (whole run)
+
+    def __len__(self) -> int:
+        return sum(replica_counts(self.app_name).values())
+
+    def _send(self, name: str, request_ref: Any, index: int) -> Any:
+        return self.handles[name].remote((request_ref, index))._to_object_ref_sync()
+
+    def score(
+        self, jobs: Sequence[Any], resubmit: Callable[[Any], Any] | None = None
+    ) -> tuple[dict[Any, ScoredBatch], dict[str, float]]:
+        """Score every job's images with every reward as soon as its sampler call finishes (the actor pool's
+        ``RewardPool.score`` contract: ``({key: ScoredBatch}, metrics)``)."""
+        import ray
+
+        from rtdmd_ray.roles.reward_pool import _source_failed
+
+        waiting = {j.request_ref: j for j in jobs}
+        pending: dict[Any, tuple[Any, str, int, int]] = {}  # image ref -> (job, reward, index, attempt)
+        parts: dict[Any, dict[str, list[dict[str, float] | None]]] = {}
+        left: dict[Any, int] = {}
+        results: dict[Any, ScoredBatch] = {}
+        t0 = time.monotonic()
+        deadline = t0 + self.timeout_s
+        sampled_at = None
+        while waiting or pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(
+                    f"reward deployments: {len(waiting)} sampler calls and {len(pending)} image requests not "
+                    f"done after {self.timeout_s} s; check `serve status` and the replicas' logs"
+                )
+            ready, _ = ray.wait([*waiting, *pending], num_returns=1, timeout=remaining)
+            for ref in ready:
+                if ref in waiting:  # a sampler call finished: its images go to every reward now
+                    job = waiting.pop(ref)
+                    if resubmit is not None and _source_failed(job):  # its sampler died: sample it again
+                        self.resubmitted += 1
+                        job = resubmit(job)
+                        waiting[job.request_ref] = job
+                        continue
+                    n = int(job.num_images)
+                    parts[job.key] = {name: [None] * n for name in self.names}
+                    left[job.key] = n * len(self.names)
+                    for name in self.names:
+                        for i in range(n):
+                            pending[self._send(name, ref, i)] = (job, name, i, 1)
+                    if not waiting:
+                        sampled_at = time.monotonic()
+                    continue
+                job, name, i, attempt = pending.pop(ref)
+                try:
+                    parts[job.key][name][i] = ray.get(ref)
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                    if attempt >= self.max_attempts:  # the replica died holding it: send it again
+                        raise RuntimeError(
+                            f"reward {name}: image {i} of {job.key} failed on {attempt} replicas; last: {e}"
+                        ) from e
+                    self.redispatched += 1
+                    pending[self._send(name, job.request_ref, i)] = (job, name, i, attempt + 1)
+                    continue
+                left[job.key] -= 1
+                if left[job.key] == 0:
+                    results[job.key] = self._combine(parts.pop(job.key))
+        wall = time.monotonic() - t0
+        images = sum(len(r) for r in results.values())
+        m = {
+            "timing/reward_wait_s": time.monotonic() - sampled_at if sampled_at is not None else 0.0,
+            "reward/pool/redispatched": float(self.redispatched),
+            "rollout/resubmitted": float(self.resubmitted),
+            "reward/pool/scores_per_s": images / max(wall, 1e-9),
+        }
+        for name, count in replica_counts(self.app_name).items():
+            if name in self.weights:
+                m[f"reward/serve/{name}/replicas"] = float(count)
+        return results, m
+
+    def _combine(self, per_reward: dict[str, list[dict[str, float] | None]]) -> ScoredBatch:
+        """One job's per-image results -> ``MultiScorer`` output -> ``ScoredBatch`` (as the actor pool)."""
+        tensors = {}
+        for name, rows in per_reward.items():
+            keys = list(rows[0])  # type: ignore[arg-type]
+            tensors[name] = {k: torch.tensor([r[k] for r in rows], dtype=torch.float32) for k in keys}  # type: ignore[index]
+        n = len(next(iter(per_reward.values())))
+        out = merge_reward_results(tensors, self.weights, n)
+        out.pop(MEAN_KEY)  # ScoredBatch.total is the weighted sum over the finite rewards
+        return ScoredBatch.from_scores(out, self.weights)
+
+    def shutdown(self, grace_s: float = 0.0) -> None:
+        """Delete the application this run started (an attached shared one keeps running)."""
+        if self.owned:
+            _delete_quietly(self.app_name)
