@@ -16,7 +16,11 @@ Judges (``backend``):
   (``vllm serve Qwen/Qwen3-VL-8B-Instruct`` or Ray Serve LLM) asked for ``max_tokens=1`` with
   ``logprobs``/``top_logprobs``. Requests for all atoms of a batch go out concurrently (the server batches
   them), each with a timeout and retries with exponential backoff on connection errors, timeouts, 429 and
-  5xx. Tokens outside the returned top-k count as 0.
+  5xx. Tokens outside the returned top-k count as 0. Instead of ``endpoint``, the option ``serve_app: <name>``
+  names a running Ray Serve judge app (``rtdmd-ray serve-rewards CONFIG`` starts one: Ray Serve LLM on GPU
+  clusters, a transformers deployment on CPU); the layer that builds the scorers resolves it to
+  ``endpoint`` and ``served_model`` (``roles/judge_serve.py::resolve_judge_options``), so this module stays
+  Ray-free and never sees ``serve_app`` itself.
 - ``vllm``: an in-process vLLM engine (GPU only, optional import): ``LLM.chat`` with ``logprobs``.
 - ``transformers``: the reference's path (paper-exact): ``AutoModelForImageTextToText`` + processor, one
   forward per atom, softmax over the full vocabulary of the first position, model cast to fp16.
@@ -385,7 +389,9 @@ class GenEval2Scorer:
         data_path: VQA JSONL file or directory (default ``$RTDMD_GENEVAL2_DATA_PATH``).
         model: judge directory or hub id (``$RTDMD_GENEVAL2_MODEL_NAME``, else local dirs, else the hub id);
             for ``openai`` it is also the served model name unless ``served_model`` is given.
-        endpoint: chat-completions base URL (``openai`` backend).
+        endpoint: chat-completions base URL (``openai`` backend). In the config, ``serve_app: <app name>``
+            may stand for it (a running Ray Serve judge app); it is resolved to ``endpoint`` and
+            ``served_model`` before this class is built (``roles.judge_serve.resolve_judge_options``).
         served_model: the model name the server expects.
         tokenizer: tokenizer dir/hub id for exact first-token matching with ``openai`` ("" = none).
         aggregation: ``"gm"`` (reference) or ``"am"``.
