@@ -510,7 +510,7 @@ class RewardsConfig:
     devices: Map[Str] = field(default_factory=FrozenDict)
     batch_images: Map[Int] = field(default_factory=FrozenDict)
     options: Map[Map[Scalar]] = field(default_factory=FrozenDict)
-    serving: Str = "actors"
+    serving: Str = "serve"
     serve_app: Str = ""
     serve: RewardServeConfig = field(default_factory=RewardServeConfig)
 

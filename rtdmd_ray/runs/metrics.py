@@ -45,6 +45,9 @@ def prometheus_series(key: str) -> tuple[str, dict[str, str]]:
     if parts[0] == "reward" and len(parts) == 3 and parts[1] != "pool":
         tags["reward"] = parts[1]
         parts = [parts[0], parts[2]]
+    elif parts[0] == "reward" and len(parts) == 4 and parts[1] == "serve":  # reward/serve/<name>/replicas
+        tags["reward"] = parts[2]
+        parts = [parts[0], parts[1], parts[3]]
     words = []
     for p in parts:
         m = _INDEXED.match(p)
