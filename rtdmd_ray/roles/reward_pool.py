@@ -210,6 +210,12 @@ class RewardPool:
             m[f"reward/pool/worker_{w}/busy_s"] = self._busy_s[w]
         return results, m
 
+    def poison(self, name: str, count: int) -> None:
+        """Test hook: the reward ``name`` of the next ``count`` samples reward worker 0 scores is NaN."""
+        import ray
+
+        ray.get(self.group[0].poison.remote(name, count))
+
     def shutdown(self, grace_s: float = 0.0) -> None:
         self.group.shutdown(grace_s)
 

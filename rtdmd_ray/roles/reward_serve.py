@@ -23,6 +23,7 @@ import asyncio
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -140,22 +141,27 @@ def reward_app(rewards: RewardsConfig, names: Sequence[str]) -> Any:
                                          "num_gpus": float(d["gpus_per_replica"])}
         if env:
             actor_options["runtime_env"] = _plain(env)
-        bound[name] = replica_dep.options(
-            name=deployment_name(name),
-            autoscaling_config={
-                "min_replicas": int(d["min_replicas"]),
-                "initial_replicas": int(d["min_replicas"]),
-                "max_replicas": int(d["max_replicas"]),
-                "target_ongoing_requests": target,
-                "upscale_delay_s": float(d["upscale_delay_s"]),
-                "downscale_delay_s": float(d["downscale_delay_s"]),
-                "look_back_period_s": LOOK_BACK_S,
-                "metrics_interval_s": METRICS_INTERVAL_S,
-            },
-            # room for the micro-batch being scored and the next one filling up
-            max_ongoing_requests=max(2 * batch, math.ceil(2 * target)),
-            ray_actor_options=actor_options,
-        ).bind(name=name, rewards=rewards, threads=max(1, math.floor(float(d["cpus_per_replica"]))))
+        autoscaling = {
+            "min_replicas": int(d["min_replicas"]),
+            "initial_replicas": int(d["min_replicas"]),
+            "max_replicas": int(d["max_replicas"]),
+            "target_ongoing_requests": target,
+            "upscale_delay_s": float(d["upscale_delay_s"]),
+            "downscale_delay_s": float(d["downscale_delay_s"]),
+            "look_back_period_s": LOOK_BACK_S,
+            "metrics_interval_s": METRICS_INTERVAL_S,
+        }
+        with warnings.catch_warnings():
+            # metrics_interval_s is "to be replaced by" env vars in a future Serve; 2.60 honours it, and the
+            # env vars would have to reach every replica and handle process before Serve is imported
+            warnings.filterwarnings("ignore", message=".*metrics_interval_s", category=DeprecationWarning)
+            bound[name] = replica_dep.options(
+                name=deployment_name(name),
+                autoscaling_config=autoscaling,
+                # room for the micro-batch being scored and the next one filling up
+                max_ongoing_requests=max(2 * batch, math.ceil(2 * target)),
+                ray_actor_options=actor_options,
+            ).bind(name=name, rewards=rewards, threads=max(1, math.floor(float(d["cpus_per_replica"]))))
     return router_dep.options(name="RewardRouter", num_replicas=1,
                               ray_actor_options={"num_cpus": 0}).bind(bound)
 
@@ -293,6 +299,7 @@ class RewardServePool:
         self.handles = {n: serve.get_deployment_handle(deployment_name(n), app_name=self.app_name)
                         for n in self.names}
         self.redispatched = 0  # image requests sent again after a replica died (whole run)
+        self._poison: tuple[str, int] | None = None
         self.resubmitted = 0  # sampler calls submitted again after a sampler died (whole run)
 
     def __len__(self) -> int:
@@ -370,8 +377,20 @@ class RewardServePool:
                 m[f"reward/serve/{name}/replicas"] = float(count)
         return results, m
 
+    def poison(self, name: str, count: int) -> None:
+        """Test hook: the reward ``name`` of the next ``count`` samples combined here is NaN (the quarantine
+        path end to end, as the actor pool's ``RewardWorker.poison``)."""
+        self._poison = (name, count)
+
     def _combine(self, per_reward: dict[str, list[dict[str, float] | None]]) -> ScoredBatch:
         """One job's per-image results -> ``MultiScorer`` output -> ``ScoredBatch`` (as the actor pool)."""
+        if self._poison:
+            name, count = self._poison
+            rows = per_reward[name]
+            k = min(count, len(rows))
+            for row in rows[:k]:
+                row[name] = math.nan  # type: ignore[index]
+            self._poison = (name, count - k) if count > k else None
         tensors = {}
         for name, rows in per_reward.items():
             keys = list(rows[0])  # type: ignore[arg-type]

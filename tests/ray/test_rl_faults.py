@@ -1,9 +1,11 @@
 """RL fault tolerance end to end through the driver on local CPU Ray (tiny SD3, brightness reward).
 
-One 4-epoch run with 2 samplers, 1 reward worker and 1 learner rank; the epoch callbacks arm three faults:
+One 4-epoch run with 2 samplers, the rewards on Ray Serve and 1 learner rank; the epoch callbacks arm three
+faults:
 
-* after epoch 0, reward worker 0 is told to return NaN for the next sample: epoch 1 must quarantine exactly
-  that sample (advantage 0, counted in ``reward/total/quarantined``, one warning), never average it in;
+* after epoch 0, the reward pool is told to return NaN for the next sample's brightness: epoch 1 must
+  quarantine exactly that sample (advantage 0, counted in ``reward/total/quarantined``, one warning), never
+  average it in;
 * after epoch 0, sampler 0 is told to kill its process in its next call (epoch 2's; epoch 1's calls were
   queued before): Ray restarts it (``max_restarts``), the driver re-syncs it to the current policy and samples
   the lost call again, and epoch 2 trains on every prompt group exactly once;
@@ -37,7 +39,7 @@ def run(ray_local, tmp_path_factory):
     # 2 prompts x 4 images per epoch: one call of 4 per sampler
     cfg = tiny_rl_config(
         out, EPOCHS, "resources.sampler.count=2", "resources.sampler.max_restarts=1",
-        "resources.reward_worker.count=1", "resources.learner.count=1",
+        "rewards.serve.max_replicas=1", "resources.learner.count=1",
     )
     seen: dict = {}
 
@@ -45,7 +47,7 @@ def run(ray_local, tmp_path_factory):
         learners, samplers, rewards = roles["learners"], roles["samplers"], roles["rewards"]
         seen.setdefault("advantages", []).append(learners.call("last_advantages")[0])
         if epoch == 0:
-            ray.get(rewards.group[0].poison.remote("brightness", 1))
+            rewards.poison("brightness", 1)
             ray.get(samplers.group[0].crash_on_next_sample.remote())
         if epoch == 2:
             # sampler 1 dies idle: after its epoch-3 call (queued before this callback) and before epoch 3's

@@ -24,7 +24,7 @@ DETECT_S = 60.0  # the surviving rank's gloo timeout is 300 s: a hang shows up a
 
 def config(out: Path):
     return tiny_rl_config(
-        out, EPOCHS, "train.resume=auto", "resources.reward_worker.count=1",
+        out, EPOCHS, "train.resume=auto", "rewards.serve.max_replicas=1",
         "grpo.micro_batch_images_per_rank=2",
     )
 
@@ -39,11 +39,15 @@ def test_dead_learner_rank_ends_the_job_and_resume_auto_continues(ray_local, tmp
 
     actors: list = []
     armed: list[float] = []
+    reward_apps: list[str] = []
 
     def kill_rank_1(epoch: int, metrics: dict, roles: dict) -> None:
         if epoch == CRASH_EPOCH - 1:
             for role in roles.values():
-                actors.extend(role.group.actors)
+                if hasattr(role, "group"):
+                    actors.extend(role.group.actors)
+                else:  # rewards on Ray Serve (the default): the run's own application
+                    reward_apps.append(role.app_name)
             ray.get(roles["learners"].group[1].crash_on_next_update.remote())
             armed.append(time.monotonic())
 
@@ -60,11 +64,15 @@ def test_dead_learner_rank_ends_the_job_and_resume_auto_continues(ray_local, tmp
     assert f"Last complete checkpoint: {last}" in msg
     assert f"resubmit the same command; train.resume: auto continues from {last}" in msg
 
-    # no role actor of the job is left: samplers, reward workers and both learner ranks (rank 0 was blocked)
-    assert len(actors) == 4
+    # no role actor of the job is left: the sampler and both learner ranks (rank 0 was blocked), and the
+    # run's reward application is deleted with its replicas
+    from ray import serve
+
+    assert len(actors) == 3 and len(reward_apps) == 1
     for actor in actors:
         with pytest.raises(ray.exceptions.RayActorError):
             ray.get(actor.__ray_ready__.remote(), timeout=60)
+    assert reward_apps[0] not in serve.status().applications
 
     resumed = train(config(tmp_path))  # the same command again
     assert resumed["epochs"] == EPOCHS and resumed["policy_version"] == EPOCHS
