@@ -204,12 +204,9 @@ def start_rewards(cfg: Config) -> Any:
 def reward_cpus(cfg: Config) -> float:
     """The CPUs the reward role may hold at most (a local cluster is sized to fit them)."""
     if cfg.rewards.serving == "serve":
-        if cfg.rewards.serve_app:  # the shared application's replicas are already placed
-            return 0.0
-        return sum(
-            float(d["max_replicas"]) * float(d["cpus_per_replica"])
-            for d in (cfg.rewards.serve.for_reward(n) for n in cfg.rewards.weights)
-        )
+        from rtdmd_ray.roles.reward_serve import serve_cpus
+
+        return serve_cpus(cfg.rewards, list(cfg.rewards.weights))
     r = cfg.resources.reward_worker
     return r.count * r.cpus_per_actor
 

@@ -282,7 +282,12 @@ def _start_ray(cfg: Config, address: str | None) -> None:
     from rtdmd_ray.roles.groups import init_ray
 
     r = cfg.resources.eval_worker
-    init_ray(address, r.count * r.cpus_per_actor)
+    cpus = r.count * r.cpus_per_actor
+    if cfg.rewards.serving == "serve":  # the eval rewards' deployments (none when attaching to a shared app)
+        from rtdmd_ray.roles.reward_serve import serve_cpus
+
+        cpus += serve_cpus(cfg.rewards, list(cfg.eval.reward_weights))
+    init_ray(address, cpus)
 
 
 def _create_workers(cfg: Config) -> Any:
@@ -365,14 +370,20 @@ def run_eval(
         ]
         todo_score[row.name] = [t for t in todo_score[row.name] if t[2]]
 
-    group, grace_s = None, 0.0
+    group, grace_s, rewards = None, 0.0, None
     if (any(todo_gen.values()) or any(todo_score.values())) and workers is None:
         _start_ray(cfg, ray_address)
         group = _create_workers(cfg)
         workers = list(group)
     try:
         needed = sorted({r for todo in todo_score.values() for t in todo for r in t[2]})
-        if needed and workers:
+        if needed and cfg.rewards.serving == "serve":
+            # the same reward deployments as training (or the shared `rewards.serve_app`): the eval workers
+            # only generate
+            from rtdmd_ray.roles.reward_serve import RewardServePool
+
+            rewards = RewardServePool(rewards=cfg.rewards, names=needed, timeout_s=LOAD_TIMEOUT_S)
+        elif needed and workers:
             from rtdmd_ray.roles.groups import gather
 
             gather(
@@ -384,12 +395,14 @@ def run_eval(
             if st.row.skipped:
                 continue
             _generate_row(list(workers or []), st, todo_gen[st.row.name], progress)
-            _score_row(list(workers or []), st, todo_score[st.row.name], cfg, progress)
+            _score_row(list(workers or []), st, todo_score[st.row.name], cfg, progress, rewards)
             _compact_records(st)
         from rtdmd_ray.roles.groups import STOP_GRACE_S
 
         grace_s = STOP_GRACE_S  # every row done: the workers exit on their own
     finally:
+        if rewards is not None:
+            rewards.shutdown()  # deletes the eval's own reward application (a shared one keeps running)
         if group is not None:
             group.shutdown(grace_s)
 
@@ -489,7 +502,10 @@ def _score_row(
     todo: list[tuple[PromptSet, int, tuple[str, ...]]],
     cfg: Config,
     progress: bool,
+    rewards: Any = None,
 ) -> None:
+    """Score ``todo`` on the eval workers, or on the reward deployments when ``rewards`` (a
+    ``RewardServePool``) is given; every score is appended to the row's ``records.jsonl`` as it arrives."""
     if not todo:
         return
     row = st.row
@@ -542,9 +558,46 @@ def _score_row(
         bar.update(len(batch))
 
     try:
-        run_queue(workers, batches, submit, done, what=f"eval row {row.name}: score")
+        if rewards is not None:
+            _score_batches_on_serve(rewards, st, batches, done)
+        else:
+            run_queue(workers, batches, submit, done, what=f"eval row {row.name}: score")
     finally:
         bar.close()
+
+
+def _score_batches_on_serve(
+    rewards: Any,
+    st: RowState,
+    batches: list[list[tuple[PromptSet, int, tuple[str, ...]]]],
+    done: Any,
+) -> None:
+    """The PNGs of each batch decoded here (as an eval worker decodes them) and scored image by image on the
+    reward deployments; a batch's time is the wall time since the previous batch finished."""
+    import io
+    import time
+
+    import torch
+    from PIL import Image
+
+    from rtdmd_ray.roles.sampler import ScoreRequest
+
+    def requests() -> Iterable[tuple[int, ScoreRequest, tuple[str, ...]]]:
+        for k, batch in enumerate(batches):
+            arrays = [np.asarray(Image.open(io.BytesIO((st.dir / "images" / s.file_name(i)).read_bytes()))
+                                 .convert("RGB")) for s, i, _ in batch]
+            images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # uint8 [B, 3, H, W]
+            yield k, ScoreRequest(images=images, prompts=[s.records[i]["prompt"] for s, i, _ in batch],
+                                  metadata=[dict(s.records[i]) for s, i, _ in batch]), batch[0][2]
+
+    last = [time.perf_counter()]
+
+    def on_result(k: int, scores: dict[str, dict[str, list[float]]]) -> None:
+        now = time.perf_counter()
+        done(batches[k], (scores, now - last[0]))
+        last[0] = now
+
+    rewards.score_images(requests(), on_result)
 
 
 def _metadata(

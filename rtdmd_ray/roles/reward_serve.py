@@ -24,7 +24,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -267,21 +267,39 @@ def replica_counts(app_name: str) -> dict[str, int]:
     }
 
 
+def serve_cpus(rewards: RewardsConfig, names: Sequence[str]) -> float:
+    """The CPUs the reward deployments of ``names`` may hold at most (0 when attaching to a shared app: its
+    replicas are already placed); a local cluster is sized to fit them."""
+    if rewards.serve_app:
+        return 0.0
+    return sum(float(d["max_replicas"]) * float(d["cpus_per_replica"])
+               for d in (rewards.serve.for_reward(n) for n in names))
+
+
 class RewardServePool:
     """The reward deployments of one run, with the actor pool's ``score`` / ``shutdown`` interface.
 
     Args:
         rewards: the ``rewards`` section (``serve_app`` attaches to a running application instead of
             starting one).
+        names: the rewards to serve (default: the training rewards, ``rewards.weights``; `rtdmd-ray eval`
+            passes its eval rewards).
         timeout_s: the longest a scoring phase may take.
         max_attempts: how often one image's request is sent before the pool gives up (replica deaths).
     """
 
-    def __init__(self, *, rewards: RewardsConfig, timeout_s: float = 3600.0, max_attempts: int = 3) -> None:
+    def __init__(
+        self,
+        *,
+        rewards: RewardsConfig,
+        names: Sequence[str] | None = None,
+        timeout_s: float = 3600.0,
+        max_attempts: int = 3,
+    ) -> None:
         from ray import serve
 
-        self.names = list(rewards.weights)
-        self.weights = {k: float(v) for k, v in rewards.weights.items()}
+        self.names = list(rewards.weights if names is None else names)
+        self.weights = {k: float(rewards.weights.get(k, 1.0)) for k in self.names}
         self.timeout_s, self.max_attempts = timeout_s, max_attempts
         self.owned = not rewards.serve_app
         self.app_name = rewards.serve_app or rewards.serve.app_name or f"rtdmd-rewards-{os.getpid()}"
@@ -351,16 +369,11 @@ class RewardServePool:
                         sampled_at = time.monotonic()
                     continue
                 job, name, i, attempt = pending.pop(ref)
-                try:
-                    parts[job.key][name][i] = ray.get(ref)
-                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
-                    if attempt >= self.max_attempts:  # the replica died holding it: send it again
-                        raise RuntimeError(
-                            f"reward {name}: image {i} of {job.key} failed on {attempt} replicas; last: {e}"
-                        ) from e
-                    self.redispatched += 1
+                got = self._result(ref, name, i, job.key, attempt)
+                if got is None:  # its replica died: sent again
                     pending[self._send(name, job.request_ref, i)] = (job, name, i, attempt + 1)
                     continue
+                parts[job.key][name][i] = got
                 left[job.key] -= 1
                 if left[job.key] == 0:
                     results[job.key] = self._combine(parts.pop(job.key))
@@ -376,6 +389,80 @@ class RewardServePool:
             if name in self.weights:
                 m[f"reward/serve/{name}/replicas"] = float(count)
         return results, m
+
+    def _result(self, ref: Any, name: str, index: int, what: Any, attempt: int) -> dict[str, float] | None:
+        """One image request's scores, or None when the replica holding it died (the caller sends it again;
+        Serve has started a replacement)."""
+        import ray
+
+        try:
+            return ray.get(ref)
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+            if attempt >= self.max_attempts:
+                raise RuntimeError(
+                    f"reward {name}: image {index} of {what} failed on {attempt} replicas; last: {e}"
+                ) from e
+            self.redispatched += 1
+            return None
+
+    def score_images(
+        self,
+        batches: Iterable[tuple[Any, Any, Sequence[str]]],
+        on_result: Callable[[Any, dict[str, dict[str, list[float]]]], None],
+        *,
+        in_flight: int = 4,
+    ) -> None:
+        """The eval path: each ``(key, request, rewards)`` batch (``request`` with ``images`` uint8
+        ``[B, 3, H, W]``, ``prompts``, ``metadata``) is scored by each of its rewards, and
+        ``on_result(key, {reward: {score key: [B] floats}})`` is called as each batch completes. At most
+        ``in_flight`` batches are in the object store at once (an eval set can be larger than memory)."""
+        import ray
+
+        it = iter(batches)
+        pending: dict[Any, tuple[Any, Any, str, int, int]] = {}  # image ref -> (key, req ref, reward, i, try)
+        parts: dict[Any, dict[str, list[dict[str, float] | None]]] = {}
+        left: dict[Any, int] = {}
+        deadline = time.monotonic() + self.timeout_s
+
+        def push() -> bool:
+            nxt = next(it, None)
+            if nxt is None:
+                return False
+            key, request, names = nxt
+            missing = [n for n in names if n not in self.handles]
+            if missing:
+                raise KeyError(f"reward(s) {missing} are not served by application {self.app_name} "
+                               f"(it serves {self.names})")
+            ref, n = ray.put(request), len(request.prompts)
+            parts[key] = {name: [None] * n for name in names}
+            left[key] = n * len(names)
+            for name in names:
+                for i in range(n):
+                    pending[self._send(name, ref, i)] = (key, ref, name, i, 1)
+            return True
+
+        while len(parts) < in_flight and push():
+            pass
+        while pending:
+            remaining = deadline - time.monotonic()
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(remaining, 0.0))
+            if not ready:
+                raise TimeoutError(f"reward deployments: {len(pending)} image requests not done after "
+                                   f"{self.timeout_s} s; check `serve status` and the replicas' logs")
+            key, req_ref, name, i, attempt = pending.pop(ready[0])
+            got = self._result(ready[0], name, i, key, attempt)
+            if got is None:
+                pending[self._send(name, req_ref, i)] = (key, req_ref, name, i, attempt + 1)
+                continue
+            parts[key][name][i] = got
+            left[key] -= 1
+            if left[key] == 0:
+                done = parts.pop(key)
+                del left[key]
+                on_result(key, {name: {k: [r[k] for r in rows] for k in rows[0]}  # type: ignore[index]
+                                for name, rows in done.items()})
+                while len(parts) < in_flight and push():
+                    pass
 
     def poison(self, name: str, count: int) -> None:
         """Test hook: the reward ``name`` of the next ``count`` samples combined here is NaN (the quarantine

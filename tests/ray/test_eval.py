@@ -162,3 +162,39 @@ def test_rows_compare_models_on_the_same_seeds(cfg, workers, tmp_path):
     saved = json.loads((out / "metadata.json").read_text())
     assert [r["name"] for r in saved["rows"]] == ["teacher-2", "AC-DMD-4", "RTDMD-4"]
     assert saved["rows"][1]["scores"] == pytest.approx(acdmd["scores"])
+
+
+def test_serve_scores_as_the_eval_workers_and_attaches_to_a_shared_app(cfg, workers, tmp_path):
+    """`rtdmd-ray eval` scores on the reward deployments (``rewards.serving: serve``, the default) exactly as
+    the eval workers' own scorers do (float32 round-off aside), and with ``rewards.serve_app`` it attaches to a
+    running application and leaves it running."""
+    from ray import serve
+
+    from rtdmd_ray.roles.reward_serve import replica_counts, start_reward_app
+
+    on_workers = run_eval(apply_overrides(cfg, ["rewards.serving=actors"]), out_dir=tmp_path / "w",
+                          progress=False, workers=workers, report=False)
+    on_serve = run_eval(apply_overrides(cfg, ["rewards.serving=serve"]), out_dir=tmp_path / "s",
+                        progress=False, workers=workers, report=False)
+    a, b = on_workers["rows"][0], on_serve["rows"][0]
+    assert b["scored_now"] == 9 and [r["file"] for r in a["records"]] == [r["file"] for r in b["records"]]
+    for ra, rb in zip(a["records"], b["records"], strict=True):
+        assert set(ra["scores"]) == set(rb["scores"]), ra["file"]
+        for k, v in ra["scores"].items():
+            assert rb["scores"][k] == pytest.approx(v, rel=1e-6, abs=1e-7), (ra["file"], k)
+    assert b["scores"] == pytest.approx(a["scores"], rel=1e-6)
+    assert not any(app.startswith("rtdmd-rewards-") for app in serve.status().applications)  # its own: gone
+
+    shared = apply_overrides(cfg, ["rewards.serve_app=shared-eval"])
+    start_reward_app(shared.rewards, ["brightness", "shapes_geneval"], "shared-eval")
+    try:
+        attached = run_eval(shared, out_dir=tmp_path / "a", progress=False, workers=workers, report=False)
+        assert attached["rows"][0]["scores"] == pytest.approx(b["scores"], rel=1e-6)
+        assert replica_counts("shared-eval") == {"brightness": 1, "shapes_geneval": 1}  # still serving
+        # an app without one of the eval's rewards is named, with the fix
+        more = apply_overrides(shared, ["eval.reward_weights={brightness: 1.0, latency: 1.0}",
+                                        "eval.dataset_map={brightness: plain.txt, latency: plain.txt}"])
+        with pytest.raises(RuntimeError, match=r"no running deployment for reward\(s\) \['latency'\]"):
+            run_eval(more, out_dir=tmp_path / "m", progress=False, workers=workers, report=False)
+    finally:
+        serve.delete("shared-eval")
