@@ -80,6 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--out", default=None, help="output dir (default train.output_dir)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bars")
     ev.add_argument("--prompt", action="append", default=None, help=argparse.SUPPRESS)
+    sr = sub.add_parser("serve-rewards", help="start the config's reward deployments as a named, long-lived "
+                                              "Serve app that runs and evals attach to (rewards.serve_app)")
+    _add_config_args(sr)
+    sr.add_argument("--address", default=None,
+                    help="the Ray cluster (default $RAY_ADDRESS, else auto: the cluster of this node)")
+    sr.add_argument("--delete", action="store_true", help="delete the application (and its judge app)")
     pl = sub.add_parser("plot", help="reward curves (PNG, one per reward) from an RL run's metrics.jsonl")
     pl.add_argument("run_dir", help="the run's train.output_dir")
     pl.add_argument("--out", default=None, help="output dir (default <run_dir>/plots)")
@@ -150,6 +156,24 @@ def main(argv: list[str] | None = None) -> int:
         except (FileNotFoundError, ConfigError) as e:  # missing files / bad eval.rows: say which key to fix
             print(f"eval: {e}", file=sys.stderr)
             return 2
+        return 0
+    if args.verb == "serve-rewards":
+        from rtdmd_ray.roles.reward_serve import RewardLoadError, serve_rewards
+
+        cfg = _load(args)
+        try:
+            out = serve_rewards(cfg, address=args.address, delete=args.delete)
+        except (ConnectionError, RewardLoadError) as e:
+            print(f"serve-rewards: {e}", file=sys.stderr)
+            return 2
+        if args.delete:
+            print(f"serve-rewards: deleted application {out['app']}")
+            return 0
+        replicas = ", ".join(f"{k} x{v}" for k, v in out["replicas"].items())
+        judge = f"; GenEval2 judge app {out['judge']}" if out["judge"] else ""
+        print(f"serve-rewards: application {out['app']} running ({replicas}){judge}. Attach a run or an eval "
+              f"with rewards.serve_app={out['app']}; remove it with `rtdmd-ray serve-rewards "
+              f"{args.config} --delete`")
         return 0
     if args.verb == "plot":
         from rtdmd_ray.eval.plots import plot_rewards

@@ -48,6 +48,21 @@ RAY_BUILTIN_RESOURCES: frozenset[str] = frozenset({"CPU", "GPU", "memory", "obje
 PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 
 # the per-reward fields of a Ray Serve reward deployment (rewards.serve and rewards.serve.per_reward.<name>)
+# The GenEval2 judge app's fields (rewards.serve.judge; roles/judge_serve.start_judge_app); others are typos
+JUDGE_APP_FIELDS = {
+    "engine": "transformers (Serve deployment running geneval2's TransformersJudge) or vllm (Ray Serve LLM)",
+    "model": "judge directory or hub id",
+    "dtype": "transformers engine: model dtype (the reference casts to float16)",
+    "device": "transformers engine: torch device inside a replica (cpu, cuda)",
+    "min_replicas": "replicas kept while idle",
+    "max_replicas": "replicas autoscaling may grow to",
+    "target_ongoing_requests": "queued + running requests per replica autoscaling aims for",
+    "cpus_per_replica": "transformers engine: logical CPUs per replica",
+    "gpus_per_replica": "transformers engine: GPUs per replica",
+    "max_batch_size": "transformers engine: requests one replica judges per model call batch",
+    "engine_kwargs": "vllm engine: vLLM engine arguments (merged over the judge defaults)",
+    "accelerator_type": "vllm engine (and transformers replicas): e.g. H100; unset = any accelerator",
+}
 SERVE_DEPLOYMENT_FIELDS: tuple[str, ...] = (
     "min_replicas", "max_replicas", "target_ongoing_requests", "cpus_per_replica", "gpus_per_replica",
     "batch_wait_timeout_s", "upscale_delay_s", "downscale_delay_s",

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from rtdmd_ray.config.registries import (
     DIFFERENTIABLE_REWARDS,
+    JUDGE_APP_FIELDS,
     KNOWN_REWARDS,
     NEEDS_PRETRAINED_PATH,
     RAY_BUILTIN_RESOURCES,
@@ -133,6 +134,19 @@ def check(cfg: Config) -> list[str]:
         for key in ("target_ongoing_requests", "cpus_per_replica", "gpus_per_replica", "batch_wait_timeout_s",
                     "upscale_delay_s", "downscale_delay_s"):
             positive(f"{where}.{key}", known[key], zero_ok=True)
+
+    for key in rs.judge:
+        if key not in JUDGE_APP_FIELDS:
+            close = difflib.get_close_matches(key, JUDGE_APP_FIELDS, n=1)
+            hint = f"did you mean {close[0]}?" if close else f"fields: {', '.join(JUDGE_APP_FIELDS)}"
+            p.append(f"rewards.serve.judge.{key} is not a judge app field: {hint}")
+    if rs.judge.get("engine", "transformers") not in ("transformers", "vllm"):
+        p.append(f"rewards.serve.judge.engine={rs.judge['engine']!r} must be transformers or vllm (Ray Serve "
+                 "LLM, GPU extra)")
+    judge_app = cfg.rewards.options.get("geneval2", {}).get("serve_app")
+    if judge_app and cfg.rewards.options["geneval2"].get("endpoint"):
+        p.append("rewards.options.geneval2: give endpoint or serve_app, not both (serve_app finds the "
+                 "endpoint of the judge's Serve app by name)")
 
     # resources, sync
     for role in ("sampler", "reward_worker", "learner", "eval_worker"):

@@ -462,6 +462,9 @@ class RewardServeConfig:
             conflicting pins (GenEval's mmdet 2.x) gets its own environment.
         app_name: the Serve application a run starts ("" = "rtdmd-rewards-<pid>"); `rtdmd-ray
             serve-rewards` starts it under this name for `rewards.serve_app` to attach to.
+        judge: the GenEval2 judge's own Serve app, started by the run (or `serve-rewards`) when
+            `rewards.options.geneval2.serve_app` names an app that is not running: engine (transformers |
+            vllm: Ray Serve LLM), model, replicas, resources, engine_kwargs (roles/judge_serve.py).
     """
 
     min_replicas: Int = 1
@@ -475,6 +478,7 @@ class RewardServeConfig:
     per_reward: Map[Map[Scalar]] = field(default_factory=FrozenDict)
     runtime_env: Map[Map[Any]] = field(default_factory=FrozenDict)
     app_name: Str = ""
+    judge: Map[Any] = field(default_factory=FrozenDict)
 
     def for_reward(self, name: str) -> dict[str, Any]:
         """The deployment fields of reward ``name``: the defaults above with its ``per_reward`` overrides."""

@@ -370,7 +370,7 @@ def run_eval(
         ]
         todo_score[row.name] = [t for t in todo_score[row.name] if t[2]]
 
-    group, grace_s, rewards = None, 0.0, None
+    group, grace_s, rewards, judge = None, 0.0, None, None
     if (any(todo_gen.values()) or any(todo_score.values())) and workers is None:
         _start_ray(cfg, ray_address)
         group = _create_workers(cfg)
@@ -385,6 +385,9 @@ def run_eval(
             rewards = RewardServePool(rewards=cfg.rewards, names=needed, timeout_s=LOAD_TIMEOUT_S)
         elif needed and workers:
             from rtdmd_ray.roles.groups import gather
+            from rtdmd_ray.roles.judge_serve import ensure_judge_app
+
+            judge = ensure_judge_app(cfg.rewards, needed)  # the GenEval2 judge's app, when asked for by name
 
             gather(
                 [w.prepare.remote(needed, cfg.rewards) for w in workers],
@@ -403,6 +406,10 @@ def run_eval(
     finally:
         if rewards is not None:
             rewards.shutdown()  # deletes the eval's own reward application (a shared one keeps running)
+        if judge is not None:
+            from ray import serve
+
+            serve.delete(judge)
         if group is not None:
             group.shutdown(grace_s)
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from rtdmd_ray.config import Config, RewardsConfig, resolve_path
+from rtdmd_ray.config import Config, RewardsConfig
 from rtdmd_ray.stages.inference import (
     PNG_HASH_KEY,
     PNG_PROMPT_KEY,
@@ -78,14 +78,9 @@ class EvalWorker:
                 from rtdmd_ray.stages.inference import default_device
 
                 device = default_device().type
-            opts = {
-                k: (
-                    str(resolve_path(v))
-                    if k == "model" and isinstance(v, str) and resolve_path(v).exists()
-                    else v
-                )
-                for k, v in dict(r.options.get(name, {})).items()
-            }
+            from rtdmd_ray.roles.judge_serve import scorer_options
+
+            opts = scorer_options(r.options, [name])[name]
             self.scorers[key] = build_scorer(name, ckpt_dir=r.ckpt_dir or None, device=device, **opts)
         return self.scorers[key]
 

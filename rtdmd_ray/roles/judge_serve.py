@@ -26,27 +26,13 @@ import io
 import math
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from rtdmd_ray.config.registries import JUDGE_APP_FIELDS
 from rtdmd_ray.rewards.geneval2 import HUB_ID
 
 LLM_EXTRA = "pip install 'ray[serve,llm]==2.60.0' 'rtdmd-ray[vllm]'"
-# Serve deployment / app fields start_judge_app understands (cfg_options); everything else is a typo
-JUDGE_APP_FIELDS = {
-    "engine": "transformers (Serve deployment running geneval2's TransformersJudge) or vllm (Ray Serve LLM)",
-    "model": "judge directory or hub id",
-    "dtype": "transformers engine: model dtype (the reference casts to float16)",
-    "device": "transformers engine: torch device inside a replica (cpu, cuda)",
-    "min_replicas": "replicas kept while idle",
-    "max_replicas": "replicas autoscaling may grow to",
-    "target_ongoing_requests": "queued + running requests per replica autoscaling aims for",
-    "cpus_per_replica": "transformers engine: logical CPUs per replica",
-    "gpus_per_replica": "transformers engine: GPUs per replica",
-    "max_batch_size": "transformers engine: requests one replica judges per model call batch",
-    "engine_kwargs": "vllm engine: vLLM engine arguments (merged over the judge defaults)",
-    "accelerator_type": "vllm engine (and transformers replicas): e.g. H100; unset = any accelerator",
-}
 # vLLM settings the judge needs: one image per prompt, logprobs up to the client's top_logprobs (20)
 JUDGE_ENGINE_DEFAULTS: dict[str, Any] = {
     "max_model_len": 4096,
@@ -400,6 +386,43 @@ def resolve_judge_options(options: Mapping[str, Any]) -> dict[str, Any]:
     out["endpoint"] = judge_endpoint(app)
     out.setdefault("served_model", app)
     return out
+
+
+def scorer_options(options: Mapping[str, Mapping[str, Any]], names: Sequence[str] | Mapping[str, Any]
+                   ) -> dict[str, dict[str, Any]]:
+    """``rewards.options`` as the scorers of ``names`` are built with them, in every role that builds one
+    (reward replica, reward worker, eval worker): model directories made absolute, and geneval2's
+    ``serve_app`` turned into its app's endpoint (``resolve_judge_options``)."""
+    from rtdmd_ray.rewards.multi import resolve_scorer_options
+
+    out = resolve_scorer_options(options, names)
+    if out.get("geneval2", {}).get("serve_app"):
+        out["geneval2"] = resolve_judge_options(out["geneval2"])
+    return out
+
+
+def ensure_judge_app(rewards: Any, names: Sequence[str] | Mapping[str, Any]) -> str | None:
+    """Start the GenEval2 judge's app (``rewards.serve.judge``) when a reward of ``names`` is geneval2 with
+    ``rewards.options.geneval2.serve_app`` naming an app that is not running; returns its name when this call
+    started it (the caller deletes it at the end), else None (no judge app needed, or a shared one runs)."""
+    if "geneval2" not in names:
+        return None
+    app = str(rewards.options.get("geneval2", {}).get("serve_app") or "")
+    if not app:
+        return None
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        if app in serve.status().applications:
+            return None
+    except RayServeException:  # Serve not started on this cluster yet
+        pass
+    # the judge is reached over HTTP: Serve's proxies on (one per node, 127.0.0.1:8000 by default), unlike the
+    # handle-only reward application
+    serve.start()
+    start_judge_app(app, dict(rewards.serve.judge))
+    return app
 
 
 def start_judge_app(name: str, cfg_options: Mapping[str, Any] | None = None) -> str:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from rtdmd_ray.config import RewardsConfig
-from rtdmd_ray.rewards.multi import resolve_scorer_options
+from rtdmd_ray.roles.judge_serve import ensure_judge_app, scorer_options
 from rtdmd_ray.types import ScoredBatch
 
 
@@ -49,7 +49,7 @@ class RewardWorker:
             ckpt_dir=rewards.ckpt_dir or None,
             device=device,
             batch_images=dict(rewards.batch_images),
-            options=resolve_scorer_options(rewards.options, rewards.weights),
+            options=scorer_options(rewards.options, rewards.weights),
         )
         self.images_scored, self.busy_s = 0, 0.0
         self._poison: tuple[str, int] | None = None
@@ -100,6 +100,7 @@ class RewardPool:
                 "resources.reward_worker.count must be >= 1: the RL stage scores on the reward pool"
             )
         self.timeout_s, self.max_attempts = timeout_s, max_attempts
+        self.judge_app = ensure_judge_app(rewards, rewards.weights)  # before the workers resolve its endpoint
         self.group = create_actor_group(
             RewardWorker,
             res,
@@ -218,6 +219,10 @@ class RewardPool:
 
     def shutdown(self, grace_s: float = 0.0) -> None:
         self.group.shutdown(grace_s)
+        if self.judge_app:  # the GenEval2 judge's app this run started
+            from ray import serve
+
+            serve.delete(self.judge_app)
 
 
 def _source_failed(job: Any) -> bool:

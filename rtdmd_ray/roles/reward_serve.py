@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from rtdmd_ray.config import RewardsConfig
-from rtdmd_ray.rewards.multi import MEAN_KEY, merge_reward_results, resolve_scorer_options
+from rtdmd_ray.rewards.multi import MEAN_KEY, merge_reward_results
 from rtdmd_ray.types import ScoredBatch
 
 DEPLOYMENT_PREFIX = "reward_"
@@ -58,6 +58,7 @@ class RewardReplica:
 
     def __init__(self, *, name: str, rewards: RewardsConfig, threads: int = 1) -> None:
         from rtdmd_ray.rewards.multi import MultiScorer
+        from rtdmd_ray.roles.judge_serve import scorer_options
 
         torch.set_num_threads(max(1, threads))
         device = rewards.device_for(name)
@@ -70,7 +71,7 @@ class RewardReplica:
             ckpt_dir=rewards.ckpt_dir or None,
             device=device,
             batch_images={name: batch},
-            options=resolve_scorer_options(rewards.options, [name]),
+            options=scorer_options(rewards.options, [name]),
         )
         if hasattr(self.score_image, "set_max_batch_size"):  # the Serve replica (``serve.batch``-wrapped)
             self.score_image.set_max_batch_size(batch)
@@ -276,6 +277,51 @@ def serve_cpus(rewards: RewardsConfig, names: Sequence[str]) -> float:
                for d in (rewards.serve.for_reward(n) for n in names))
 
 
+DEFAULT_SHARED_APP = "rtdmd-rewards"
+
+
+def served_reward_names(cfg: Any) -> list[str]:
+    """What `rtdmd-ray serve-rewards` serves: the training rewards, then the eval rewards not among them (so a
+    run and an eval of one config attach to one application)."""
+    return list(dict.fromkeys([*cfg.rewards.weights, *cfg.eval.reward_weights]))
+
+
+def serve_rewards(cfg: Any, *, address: str | None = None, delete: bool = False) -> dict[str, Any]:
+    """`rtdmd-ray serve-rewards`: start (or with ``delete``, remove) the reward deployments of ``cfg`` as the
+    long-lived Serve application ``rewards.serve.app_name`` (default ``rtdmd-rewards``) on the cluster at
+    ``address``, with the GenEval2 judge's app when ``rewards.options.geneval2.serve_app`` asks for one.
+    Returns ``{"app": name, "replicas": {reward: count}, "judge": app or None}``.
+
+    Raises:
+        ConnectionError: no running cluster at ``address`` (a Serve app outlives this process only there).
+        RewardLoadError: a reward failed to load (one line naming it).
+    """
+    import ray
+
+    from rtdmd_ray.roles.judge_serve import ensure_judge_app
+
+    if not ray.is_initialized():
+        where = address or os.environ.get("RAY_ADDRESS") or "auto"
+        try:
+            ray.init(address=where, include_dashboard=False, log_to_driver=False)
+        except ConnectionError as e:
+            raise ConnectionError(
+                f"no running Ray cluster at {where!r}: serve-rewards leaves its application on a cluster "
+                "that outlives it; start one (`ray start --head`) or pass --address / $RAY_ADDRESS"
+            ) from e
+    app = cfg.rewards.serve.app_name or DEFAULT_SHARED_APP
+    names = served_reward_names(cfg)
+    if delete:
+        _delete_quietly(app)
+        judge = str(cfg.rewards.options.get("geneval2", {}).get("serve_app") or "")
+        if judge and "geneval2" in names:
+            _delete_quietly(judge)
+        return {"app": app, "replicas": {}, "judge": judge or None}
+    judge = ensure_judge_app(cfg.rewards, names)
+    start_reward_app(cfg.rewards, names, app)
+    return {"app": app, "replicas": replica_counts(app), "judge": judge}
+
+
 class RewardServePool:
     """The reward deployments of one run, with the actor pool's ``score`` / ``shutdown`` interface.
 
@@ -301,8 +347,11 @@ class RewardServePool:
         self.names = list(rewards.weights if names is None else names)
         self.weights = {k: float(rewards.weights.get(k, 1.0)) for k in self.names}
         self.timeout_s, self.max_attempts = timeout_s, max_attempts
+        from rtdmd_ray.roles.judge_serve import ensure_judge_app
+
         self.owned = not rewards.serve_app
-        self.app_name = rewards.serve_app or rewards.serve.app_name or f"rtdmd-rewards-{os.getpid()}"
+        self.app_name = rewards.serve_app or rewards.serve.app_name or f"{DEFAULT_SHARED_APP}-{os.getpid()}"
+        self.judge_app = ensure_judge_app(rewards, self.names)  # started here: deleted at shutdown
         if self.owned:
             start_reward_app(rewards, self.names, self.app_name)
         else:
@@ -488,6 +537,8 @@ class RewardServePool:
         return ScoredBatch.from_scores(out, self.weights)
 
     def shutdown(self, grace_s: float = 0.0) -> None:
-        """Delete the application this run started (an attached shared one keeps running)."""
+        """Delete the applications this run started (an attached shared one keeps running)."""
         if self.owned:
             _delete_quietly(self.app_name)
+        if self.judge_app:
+            _delete_quietly(self.judge_app)

@@ -166,8 +166,8 @@ def test_rows_compare_models_on_the_same_seeds(cfg, workers, tmp_path):
 
 def test_serve_scores_as_the_eval_workers_and_attaches_to_a_shared_app(cfg, workers, tmp_path):
     """`rtdmd-ray eval` scores on the reward deployments (``rewards.serving: serve``, the default) exactly as
-    the eval workers' own scorers do (float32 round-off aside), and with ``rewards.serve_app`` it attaches to a
-    running application and leaves it running."""
+    the eval workers' own scorers do (float32 round-off aside), and with ``rewards.serve_app`` it attaches to
+    a running application and leaves it running."""
     from ray import serve
 
     from rtdmd_ray.roles.reward_serve import replica_counts, start_reward_app
