@@ -213,3 +213,44 @@ def test_llm_app_config_and_missing_extra():
         from ray.serve.llm import LLMConfig
 
         assert LLMConfig(**cfg).model_id == "judge"
+
+
+def test_a_run_starts_the_judge_app_it_names_and_scores_through_it(serve_local, judge_dir, vqa_file):
+    """The RL reward role with geneval2 on Serve and ``rewards.options.geneval2.serve_app`` naming an app that
+    is not running: the pool starts the judge app from ``rewards.serve.judge``, the geneval2 replica finds it
+    by name, the scores equal the in-process transformers judge, and shutdown deletes both apps."""
+    import ray
+    from ray import serve
+
+    from rtdmd_ray.config import RewardsConfig
+    from rtdmd_ray.roles.reward_serve import RewardServePool
+    from rtdmd_ray.roles.sampler import ScoreRequest
+    from rtdmd_ray.types import quantize_images
+
+    torch.set_num_threads(1)
+    local = GenEval2Scorer(backend="transformers", model=str(judge_dir), data_path=str(vqa_file),
+                           dtype="float32")
+    rewards = RewardsConfig(
+        weights={"geneval2": 1.0}, device="cpu",
+        options={"geneval2": {"serve_app": "g2run", "model": str(judge_dir), "data_path": str(vqa_file),
+                              "top_logprobs": len(local.judge.tokenizer), "timeout_s": 60.0}},
+        serving="serve",
+        serve={"cpus_per_replica": 0.5, "app_name": "t-judge-run",
+               "judge": {"model": str(judge_dir), "dtype": "float32", "cpus_per_replica": 1}},
+    )
+    assert "g2run" not in serve.status().applications
+    pool = RewardServePool(rewards=rewards)
+    try:
+        assert pool.judge_app == "g2run" and "g2run" in serve.status().applications
+        g = torch.Generator().manual_seed(1)
+        images = quantize_images(torch.rand(3, 3, IMAGE_PX, IMAGE_PX, generator=g))
+        prompts = ["two black cats", "a red cube", "two black cats"]
+        req = ScoreRequest(images, prompts, [{} for _ in prompts])
+        job = type("Job", (), {"key": 0, "num_images": 3, "request_ref": ray.put(req), "stats_ref": None})()
+        got, _ = pool.score([job])
+        want = local(images.float() / 255.0, prompts)["geneval2"]
+        assert torch.allclose(got[0].scores["geneval2"], want.float(), rtol=1e-4, atol=0.0), (got, want)
+    finally:
+        pool.shutdown()
+    apps = serve.status().applications
+    assert "g2run" not in apps and "t-judge-run" not in apps

@@ -193,3 +193,28 @@ def test_a_run_attaches_to_a_shared_application(serve_on):
                                                   serve_app="t-shared"))
     finally:
         serve.delete("t-shared")
+
+
+def test_serve_rewards_cli_then_a_training_run_attaches(serve_on, tmp_path, capsys):
+    """`rtdmd-ray serve-rewards CONFIG` leaves the training and eval rewards running as a named application;
+    an RL run with ``rewards.serve_app`` scores on it (starting no reward replica of its own) and leaves it
+    running; ``--delete`` removes it."""
+    from rtdmd_ray.cli import main
+    from rtdmd_ray.driver import train
+    from rtdmd_ray.roles.reward_serve import replica_counts
+    from tests.ray.tiny import TINY_CONFIG, tiny_rl_config
+
+    app = ["rewards.serve.app_name=cli-shared", "eval.reward_weights={brightness: 1.0, latency: 1.0}"]
+    assert main(["serve-rewards", str(TINY_CONFIG), *app]) == 0
+    out = capsys.readouterr().out
+    assert "application cli-shared running (brightness x1, latency x1)" in out
+    assert "rewards.serve_app=cli-shared" in out
+    try:
+        result = train(tiny_rl_config(tmp_path, 1, "rewards.serve_app=cli-shared"))
+        m = result["metrics"][0]
+        assert result["epochs"] == 1 and m["reward/serve/brightness/replicas"] == 1.0
+        assert replica_counts("cli-shared") == {"brightness": 1, "latency": 1}  # still serving
+        assert not [a for a in serve_on.status().applications if a.startswith("rtdmd-rewards")]
+    finally:
+        assert main(["serve-rewards", str(TINY_CONFIG), *app, "--delete"]) == 0
+    assert "cli-shared" not in serve_on.status().applications
