@@ -135,6 +135,14 @@ def check(cfg: Config) -> list[str]:
                     "upscale_delay_s", "downscale_delay_s"):
             positive(f"{where}.{key}", known[key], zero_ok=True)
 
+    if cfg.rewards.serve_app and cfg.rewards.serving != "serve":
+        p.append(f"rewards.serve_app={cfg.rewards.serve_app} attaches to a Serve application: it needs "
+                 "rewards.serving=serve (now actors)")
+    for key, amount in rs.custom.items():
+        positive(f"rewards.serve.custom.{key}", amount)
+        if key in ("CPU", "GPU", "memory"):
+            p.append(f"rewards.serve.custom.{key}: set cpus_per_replica / gpus_per_replica instead (custom "
+                     "holds the cluster's own resources, e.g. rtdmd_reward)")
     for key in rs.judge:
         if key not in JUDGE_APP_FIELDS:
             close = difflib.get_close_matches(key, JUDGE_APP_FIELDS, n=1)

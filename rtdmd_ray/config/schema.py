@@ -460,6 +460,8 @@ class RewardServeConfig:
             {geneval2: {gpus_per_replica: 1, max_replicas: 4}}.
         runtime_env: a Ray runtime_env per reward {name: {pip: [...], env_vars: {...}}}: a reward with
             conflicting pins (GenEval's mmdet 2.x) gets its own environment.
+        custom: custom Ray resources every reward replica asks for {name: amount}, e.g. {rtdmd_reward: 0.25}
+            pins the replicas to the cluster's reward node group (whose autoscaler then adds nodes for them).
         app_name: the Serve application a run starts ("" = "rtdmd-rewards-<pid>"); `rtdmd-ray
             serve-rewards` starts it under this name for `rewards.serve_app` to attach to.
         judge: the GenEval2 judge's own Serve app, started by the run (or `serve-rewards`) when
@@ -477,6 +479,7 @@ class RewardServeConfig:
     downscale_delay_s: Float = 30.0
     per_reward: Map[Map[Scalar]] = field(default_factory=FrozenDict)
     runtime_env: Map[Map[Any]] = field(default_factory=FrozenDict)
+    custom: Map[Float] = field(default_factory=FrozenDict)
     app_name: Str = ""
     judge: Map[Any] = field(default_factory=FrozenDict)
 

@@ -142,6 +142,8 @@ def reward_app(rewards: RewardsConfig, names: Sequence[str]) -> Any:
                                          "num_gpus": float(d["gpus_per_replica"])}
         if env:
             actor_options["runtime_env"] = _plain(env)
+        if rewards.serve.custom:  # pins the replicas to the reward node group
+            actor_options["resources"] = {k: float(v) for k, v in rewards.serve.custom.items()}
         autoscaling = {
             "min_replicas": int(d["min_replicas"]),
             "initial_replicas": int(d["min_replicas"]),
@@ -284,6 +286,22 @@ def served_reward_names(cfg: Any) -> list[str]:
     """What `rtdmd-ray serve-rewards` serves: the training rewards, then the eval rewards not among them (so a
     run and an eval of one config attach to one application)."""
     return list(dict.fromkeys([*cfg.rewards.weights, *cfg.eval.reward_weights]))
+
+
+def build_app(args: dict[str, Any]) -> Any:
+    """Serve application builder (``import_path: rtdmd_ray.roles.reward_serve:build_app`` in a Serve config,
+    e.g. cluster/rayservice.yaml's ``serveConfigV2``): the reward deployments of ``args["config"]`` (a config
+    file, with ``args["overrides"]``), serving ``args["rewards"]`` (default: its training and eval
+    rewards)."""
+    from rtdmd_ray.config import load_config
+
+    unknown = sorted(set(args) - {"config", "overrides", "rewards"})
+    if unknown or "config" not in args:
+        raise ValueError(f"reward app args: need config (a config file), may give overrides and rewards; got "
+                         f"{sorted(args)}")
+    cfg = load_config(args["config"], list(args.get("overrides") or []))
+    names = list(args.get("rewards") or served_reward_names(cfg))
+    return reward_app(cfg.rewards, names)
 
 
 def serve_rewards(cfg: Any, *, address: str | None = None, delete: bool = False) -> dict[str, Any]:

@@ -72,9 +72,14 @@ def rayjob() -> dict[str, Any]:
     return _load("rayjob.yaml")
 
 
+@pytest.fixture(scope="module")
+def rayservice() -> dict[str, Any]:
+    return _load("rayservice.yaml")
+
+
 def _ray_pin() -> str:
-    m = re.search(r'"ray\[default\]==([0-9.]+)"', (REPO / "pyproject.toml").read_text())
-    assert m, "pyproject.toml pins ray[default]==X"
+    m = re.search(r'"ray\[default,serve\]==([0-9.]+)"', (REPO / "pyproject.toml").read_text())
+    assert m, "pyproject.toml pins ray[default,serve]==X"
     return m.group(1)
 
 
@@ -111,7 +116,8 @@ def _custom_resources(params: dict[str, str]) -> dict[str, float]:
 
 @pytest.mark.parametrize(
     "name,kind",
-    [("raycluster.yaml", "RayCluster"), ("rayjob.yaml", "RayJob"), ("pvc.yaml", "PersistentVolumeClaim")],
+    [("raycluster.yaml", "RayCluster"), ("rayjob.yaml", "RayJob"), ("rayservice.yaml", "RayService"),
+     ("pvc.yaml", "PersistentVolumeClaim")],
 )
 def test_manifest_matches_crd_schema(schema, name, kind):
     assert _errors(schema, kind, _load(name)) == []
@@ -216,8 +222,78 @@ def test_one_ray_version_everywhere(raycluster, rayjob):
 # ------------------------------------------------------------------------------------------ roles and sizes
 
 
-def test_rayjob_creates_the_same_cluster(raycluster, rayjob):
+def test_rayjob_creates_the_same_cluster(raycluster, rayjob, rayservice):
     assert rayjob["spec"]["rayClusterSpec"] == raycluster["spec"]
+    assert rayservice["spec"]["rayClusterConfig"] == raycluster["spec"]
+
+
+# ------------------------------------------------------------------------------------------ reward serving
+
+
+def test_rayservice_serves_the_cluster_configs_rewards(rayservice):
+    """serveConfigV2 is a valid Serve config (Ray's own schema) whose application, built by its import path
+    from the shipped cluster config, is one autoscaled deployment per training reward pinned to reward-gpu."""
+    import importlib
+
+    from ray.serve.schema import ServeDeploySchema
+
+    from rtdmd_ray.config import load_config
+
+    serve_cfg = ServeDeploySchema.model_validate(yaml.safe_load(rayservice["spec"]["serveConfigV2"]))
+    (app,) = serve_cfg.applications
+    module, attr = app.import_path.split(":")
+    builder = getattr(importlib.import_module(module), attr)
+    args = dict(app.args)
+    assert args["config"].startswith(IMAGE_ROOT + "/")
+    args["config"] = str(REPO / args["config"][len(IMAGE_ROOT) + 1 :])
+    cfg = load_config(args["config"])
+    assert app.name == "rtdmd-rewards" and list(args["rewards"]) == list(cfg.rewards.weights)
+    router = builder(args)._bound_deployment
+    deployments = {k: v._bound_deployment for k, v in router.init_args[0].items()}
+    assert sorted(deployments) == sorted(cfg.rewards.weights)
+    for name, d in deployments.items():
+        want = cfg.rewards.serve.for_reward(name)
+        assert d.name == f"reward_{name}"
+        assert d.ray_actor_options["num_gpus"] == want["gpus_per_replica"] > 0
+        assert d.ray_actor_options["resources"] == dict(cfg.rewards.serve.custom) == {"rtdmd_reward": 1}
+        auto = d._deployment_config.autoscaling_config
+        assert (auto.min_replicas, auto.max_replicas) == (want["min_replicas"], want["max_replicas"])
+    with pytest.raises(ValueError, match="need config"):
+        builder({"confg": args["config"]})
+
+
+def test_reward_replicas_fit_the_reward_group_and_its_autoscaling_range(raycluster):
+    """The cluster config's reward deployments at min_replicas fit the reward-gpu pods that start with the
+    cluster; at max_replicas they need more pods, which the in-tree autoscaler may add (up to maxReplicas)."""
+    from rtdmd_ray.config import load_config
+
+    spec = raycluster["spec"]
+    assert spec["enableInTreeAutoscaling"] is True
+    cfg = load_config(CLUSTER_CONFIG)
+    assert cfg.rewards.serving == "serve"
+    groups = dict(_groups(spec)[1:])
+    g = groups["reward-gpu"]
+    params = g["rayStartParams"]
+    gpus, cpus, slots = float(params["num-gpus"]), float(params["num-cpus"]), _custom_resources(params)
+    demand = {"min_replicas": {"GPU": 0.0, "CPU": 0.0, "rtdmd_reward": 0.0},
+              "max_replicas": {"GPU": 0.0, "CPU": 0.0, "rtdmd_reward": 0.0}}
+    for name in cfg.rewards.weights:
+        d = cfg.rewards.serve.for_reward(name)
+        for k in demand:
+            demand[k]["GPU"] += d[k] * d["gpus_per_replica"]
+            demand[k]["CPU"] += d[k] * d["cpus_per_replica"]
+            demand[k]["rtdmd_reward"] += d[k] * cfg.rewards.serve.custom["rtdmd_reward"]
+
+    def pods_needed(need: dict[str, float]) -> float:
+        return max(need["GPU"] / gpus, need["CPU"] / cpus, need["rtdmd_reward"] / slots["rtdmd_reward"])
+
+    assert pods_needed(demand["min_replicas"]) <= g["replicas"]  # idle rewards fit the pods that start
+    assert g["replicas"] < pods_needed(demand["max_replicas"]) <= g["maxReplicas"]  # growth adds pods
+    # only the reward-gpu pods advertise the resource the replicas ask for
+    holders = [n for n, (_, adv) in _pods(spec).items() if adv.get("rtdmd_reward", 0) > 0]
+    assert holders == ["reward-gpu"]
+    for name in ("learner-gpu", "sampler-gpu"):  # the autoscaler never takes a training pod away
+        assert groups[name]["minReplicas"] == groups[name]["replicas"], name
 
 
 def test_every_role_has_its_group_custom_resource_and_label(raycluster):
