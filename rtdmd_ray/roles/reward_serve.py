@@ -20,6 +20,7 @@ scored once per reward.
 from __future__ import annotations
 
 import asyncio
+import collections
 import math
 import os
 import time
@@ -129,6 +130,14 @@ def _serve_classes() -> tuple[Any, Any]:
 _CLASSES: tuple[Any, Any] | None = None
 
 
+def max_ongoing_requests(rewards: RewardsConfig, name: str) -> int:
+    """Requests one replica of reward ``name`` holds: the micro-batch being scored and the next ones filling
+    up (4 micro-batches), or twice the autoscaling target when that is larger."""
+    batch = int(rewards.batch_images.get(name, DEFAULT_BATCH_IMAGES))
+    target = float(rewards.serve.for_reward(name)["target_ongoing_requests"]) or float(batch)
+    return max(4 * batch, math.ceil(2 * target))
+
+
 def reward_app(rewards: RewardsConfig, names: Sequence[str]) -> Any:
     """The Serve application of the rewards ``names``: one autoscaled deployment each, behind a router."""
     replica_dep, router_dep = _serve_classes()
@@ -161,8 +170,7 @@ def reward_app(rewards: RewardsConfig, names: Sequence[str]) -> Any:
             bound[name] = replica_dep.options(
                 name=deployment_name(name),
                 autoscaling_config=autoscaling,
-                # room for the micro-batch being scored and the next one filling up
-                max_ongoing_requests=max(2 * batch, math.ceil(2 * target)),
+                max_ongoing_requests=max_ongoing_requests(rewards, name),
                 ray_actor_options=actor_options,
             ).bind(name=name, rewards=rewards, threads=max(1, math.floor(float(d["cpus_per_replica"]))))
     return router_dep.options(name="RewardRouter", num_replicas=1,
@@ -340,6 +348,73 @@ def serve_rewards(cfg: Any, *, address: str | None = None, delete: bool = False)
     return {"app": app, "replicas": replica_counts(app), "judge": judge}
 
 
+class _InFlight:
+    """Image requests to the reward deployments, each with its bookkeeping ``meta``.
+
+    Flow control on this side: at most ``window(reward)`` requests of a reward are out at once (its running
+    replicas x ``max_ongoing_requests``), the rest wait here and go out as results come back. A request Serve
+    cannot place (every replica full) would wait in the handle and be retried with a backoff of up to 0.5 s,
+    leaving the replica idle meanwhile (measured: one-to-two-image micro-batches, epochs ~1.7x the ideal).
+    Replicas still see ``max_ongoing_requests`` each, above ``target_ongoing_requests``, so autoscaling adds
+    replicas and the window grows with them. A sent request becomes an ObjectRef once a replica has taken it
+    (polled with a zero timeout: converting earlier would block the sender).
+    """
+
+    POLL_S = 0.02  # how often requests not yet taken by a replica are checked while waiting
+
+    def __init__(self, send: Callable[[str, Any, int], Any], window: Callable[[str], int]) -> None:
+        self.send, self.window = send, window
+        self.backlog: dict[str, collections.deque[tuple[Any, int, Any]]] = {}
+        self.out: collections.Counter[str] = collections.Counter()  # requests sent and not finished
+        self.queued: dict[Any, tuple[str, Any]] = {}  # DeploymentResponse -> (reward, meta)
+        self.assigned: dict[Any, tuple[str, Any]] = {}  # ObjectRef -> (reward, meta)
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self.backlog.values()) + len(self.queued) + len(self.assigned)
+
+    def add(self, name: str, request_ref: Any, index: int, meta: Any) -> None:
+        """Score image ``index`` of ``request_ref`` with reward ``name`` (sent when the window has room)."""
+        self.backlog.setdefault(name, collections.deque()).append((request_ref, index, meta))
+
+    def _pump(self) -> None:
+        for name, q in self.backlog.items():
+            room = self.window(name) - self.out[name]
+            while q and room > 0:
+                request_ref, index, meta = q.popleft()
+                self.queued[self.send(name, request_ref, index)] = (name, meta)
+                self.out[name] += 1
+                room -= 1
+
+    def wait(self, others: Sequence[Any], timeout_s: float) -> tuple[list[Any], list[tuple[Any, Any]]]:
+        """Wait up to ``timeout_s`` for one of ``others`` (ObjectRefs) or an image request to finish; returns
+        (ready ``others``, ``[(ref, meta)]`` of finished image requests, removed from here)."""
+        import ray
+
+        self._pump()
+        for response in list(self.queued):
+            try:
+                ref = response._to_object_ref_sync(_timeout_s=0)
+            except TimeoutError:  # not taken by a replica yet
+                continue
+            self.assigned[ref] = self.queued.pop(response)
+        refs = [*others, *self.assigned]
+        timeout_s = max(0.0, min(timeout_s, self.POLL_S) if self.queued else timeout_s)
+        if not refs:
+            time.sleep(timeout_s)
+            return [], []
+        ready, _ = ray.wait(refs, num_returns=1, timeout=timeout_s)
+        if ready:  # everything else already done comes along
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        mine = []
+        for r in ready:
+            if r in self.assigned:
+                name, meta = self.assigned.pop(r)
+                self.out[name] -= 1
+                mine.append((r, meta))
+        done = {r for r, _ in mine}
+        return [r for r in ready if r not in done], mine
+
+
 class RewardServePool:
     """The reward deployments of one run, with the actor pool's ``score`` / ``shutdown`` interface.
 
@@ -383,6 +458,9 @@ class RewardServePool:
                 )
         self.handles = {n: serve.get_deployment_handle(deployment_name(n), app_name=self.app_name)
                         for n in self.names}
+        self.max_ongoing = {n: max_ongoing_requests(rewards, n) for n in self.names}
+        self._replicas: dict[str, int] = {}
+        self._counted_at = -math.inf
         self.redispatched = 0  # image requests sent again after a replica died (whole run)
         self._poison: tuple[str, int] | None = None
         self.resubmitted = 0  # sampler calls submitted again after a sampler died (whole run)
@@ -391,19 +469,31 @@ class RewardServePool:
         return sum(replica_counts(self.app_name).values())
 
     def _send(self, name: str, request_ref: Any, index: int) -> Any:
-        return self.handles[name].remote((request_ref, index))._to_object_ref_sync()
+        return self.handles[name].remote((request_ref, index))
+
+    def _window(self, name: str) -> int:
+        """Requests of reward ``name`` that may be out at once: its running replicas x max_ongoing_requests
+        (replica counts re-read at most every ``METRICS_INTERVAL_S``)."""
+        now = time.monotonic()
+        if now - self._counted_at > METRICS_INTERVAL_S:
+            self._replicas = replica_counts(self.app_name)
+            self._counted_at = now
+        return max(1, self._replicas.get(name, 0)) * self.max_ongoing[name]
+
+    def _in_flight(self) -> _InFlight:
+        self._counted_at = -math.inf
+        return _InFlight(self._send, self._window)
 
     def score(
         self, jobs: Sequence[Any], resubmit: Callable[[Any], Any] | None = None
     ) -> tuple[dict[Any, ScoredBatch], dict[str, float]]:
         """Score every job's images with every reward as soon as its sampler call finishes (the actor pool's
         ``RewardPool.score`` contract: ``({key: ScoredBatch}, metrics)``)."""
-        import ray
 
         from rtdmd_ray.roles.reward_pool import _source_failed
 
         waiting = {j.request_ref: j for j in jobs}
-        pending: dict[Any, tuple[Any, str, int, int]] = {}  # image ref -> (job, reward, index, attempt)
+        pending = self._in_flight()  # image requests, meta (job, reward, index, attempt)
         parts: dict[Any, dict[str, list[dict[str, float] | None]]] = {}
         left: dict[Any, int] = {}
         results: dict[Any, ScoredBatch] = {}
@@ -417,28 +507,26 @@ class RewardServePool:
                     f"reward deployments: {len(waiting)} sampler calls and {len(pending)} image requests not "
                     f"done after {self.timeout_s} s; check `serve status` and the replicas' logs"
                 )
-            ready, _ = ray.wait([*waiting, *pending], num_returns=1, timeout=remaining)
-            for ref in ready:
-                if ref in waiting:  # a sampler call finished: its images go to every reward now
-                    job = waiting.pop(ref)
-                    if resubmit is not None and _source_failed(job):  # its sampler died: sample it again
-                        self.resubmitted += 1
-                        job = resubmit(job)
-                        waiting[job.request_ref] = job
-                        continue
-                    n = int(job.num_images)
-                    parts[job.key] = {name: [None] * n for name in self.names}
-                    left[job.key] = n * len(self.names)
-                    for name in self.names:
-                        for i in range(n):
-                            pending[self._send(name, ref, i)] = (job, name, i, 1)
-                    if not waiting:
-                        sampled_at = time.monotonic()
+            calls, images = pending.wait(list(waiting), remaining)
+            for ref in calls:  # a sampler call finished: its images go to every reward now
+                job = waiting.pop(ref)
+                if resubmit is not None and _source_failed(job):  # its sampler died: sample it again
+                    self.resubmitted += 1
+                    job = resubmit(job)
+                    waiting[job.request_ref] = job
                     continue
-                job, name, i, attempt = pending.pop(ref)
+                n = int(job.num_images)
+                parts[job.key] = {name: [None] * n for name in self.names}
+                left[job.key] = n * len(self.names)
+                for i in range(n):  # image-major: every reward gets the call's first images first
+                    for name in self.names:
+                        pending.add(name, ref, i, (job, name, i, 1))
+                if not waiting:
+                    sampled_at = time.monotonic()
+            for ref, (job, name, i, attempt) in images:
                 got = self._result(ref, name, i, job.key, attempt)
                 if got is None:  # its replica died: sent again
-                    pending[self._send(name, job.request_ref, i)] = (job, name, i, attempt + 1)
+                    pending.add(name, job.request_ref, i, (job, name, i, attempt + 1))
                     continue
                 parts[job.key][name][i] = got
                 left[job.key] -= 1
@@ -486,7 +574,7 @@ class RewardServePool:
         import ray
 
         it = iter(batches)
-        pending: dict[Any, tuple[Any, Any, str, int, int]] = {}  # image ref -> (key, req ref, reward, i, try)
+        pending = self._in_flight()  # image requests, meta (key, request ref, reward, index, attempt)
         parts: dict[Any, dict[str, list[dict[str, float] | None]]] = {}
         left: dict[Any, int] = {}
         deadline = time.monotonic() + self.timeout_s
@@ -503,33 +591,33 @@ class RewardServePool:
             ref, n = ray.put(request), len(request.prompts)
             parts[key] = {name: [None] * n for name in names}
             left[key] = n * len(names)
-            for name in names:
-                for i in range(n):
-                    pending[self._send(name, ref, i)] = (key, ref, name, i, 1)
+            for i in range(n):
+                for name in names:
+                    pending.add(name, ref, i, (key, ref, name, i, 1))
             return True
 
         while len(parts) < in_flight and push():
             pass
         while pending:
             remaining = deadline - time.monotonic()
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(remaining, 0.0))
-            if not ready:
+            if remaining <= 0:
                 raise TimeoutError(f"reward deployments: {len(pending)} image requests not done after "
                                    f"{self.timeout_s} s; check `serve status` and the replicas' logs")
-            key, req_ref, name, i, attempt = pending.pop(ready[0])
-            got = self._result(ready[0], name, i, key, attempt)
-            if got is None:
-                pending[self._send(name, req_ref, i)] = (key, req_ref, name, i, attempt + 1)
-                continue
-            parts[key][name][i] = got
-            left[key] -= 1
-            if left[key] == 0:
-                done = parts.pop(key)
-                del left[key]
-                on_result(key, {name: {k: [r[k] for r in rows] for k in rows[0]}  # type: ignore[index]
-                                for name, rows in done.items()})
-                while len(parts) < in_flight and push():
-                    pass
+            _, images = pending.wait([], remaining)
+            for ref, (key, req_ref, name, i, attempt) in images:
+                got = self._result(ref, name, i, key, attempt)
+                if got is None:
+                    pending.add(name, req_ref, i, (key, req_ref, name, i, attempt + 1))
+                    continue
+                parts[key][name][i] = got
+                left[key] -= 1
+                if left[key] == 0:
+                    done = parts.pop(key)
+                    del left[key]
+                    on_result(key, {name: {k: [r[k] for r in rows] for k in rows[0]}  # type: ignore[index]
+                                    for name, rows in done.items()})
+                    while len(parts) < in_flight and push():
+                        pass
 
     def poison(self, name: str, count: int) -> None:
         """Test hook: the reward ``name`` of the next ``count`` samples combined here is NaN (the quarantine
