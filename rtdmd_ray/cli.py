@@ -30,15 +30,17 @@ def _run_stage(args: argparse.Namespace, run: Callable[[Any], dict[str, Any]],
     """Run a training stage on the loaded config and print ``done(result)``. A dead learner rank exits 3 and a
     config error (e.g. resuming a checkpoint of a different base) exits 2, with one line and no traceback."""
     from rtdmd_ray.config import ConfigError
+    from rtdmd_ray.roles.judge_serve import JudgeAppMissing
     from rtdmd_ray.roles.learner import LearnerFailure
+    from rtdmd_ray.roles.reward_serve import RewardLoadError
 
     try:
         result = run(_load(args))
     except LearnerFailure as e:  # a dead rank: the message says how to resume; no traceback
         print(f"{args.verb}: {e}", file=sys.stderr)
         return 3
-    except ConfigError as e:  # e.g. resuming a checkpoint of a different base
-        print(f"{args.verb}: {e}", file=sys.stderr)
+    except (ConfigError, RewardLoadError, JudgeAppMissing) as e:  # e.g. a base mismatch, a reward that
+        print(f"{args.verb}: {e}", file=sys.stderr)  # fails to load: the line names it and the fix
         return 2
     print(done(result))
     return 0
@@ -149,11 +151,14 @@ def main(argv: list[str] | None = None) -> int:
                          "for your own prompts, or point eval.prompt_file at a file of them")
         from rtdmd_ray.config import ConfigError
         from rtdmd_ray.eval.evaluate import run_eval
+        from rtdmd_ray.roles.judge_serve import JudgeAppMissing
+        from rtdmd_ray.roles.reward_serve import RewardLoadError
 
         cfg = _load(args)
         try:
             run_eval(cfg, out_dir=args.out, progress=not args.no_progress)
-        except (FileNotFoundError, ConfigError) as e:  # missing files / bad eval.rows: say which key to fix
+        except (FileNotFoundError, ConfigError, RewardLoadError, JudgeAppMissing) as e:
+            # missing files / bad eval.rows / a reward that fails to load: say which key to fix
             print(f"eval: {e}", file=sys.stderr)
             return 2
         return 0

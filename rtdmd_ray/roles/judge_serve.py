@@ -414,10 +414,21 @@ def ensure_judge_app(rewards: Any, names: Sequence[str] | Mapping[str, Any]) -> 
     from ray.serve.exceptions import RayServeException
 
     try:
-        if app in serve.status().applications:
-            return None
+        running = serve.status().applications
     except RayServeException:  # Serve not started on this cluster yet
-        pass
+        running = None
+    if running is not None and app in running:
+        return None
+    if running is not None:
+        from ray.serve.context import _get_global_client
+
+        if str(_get_global_client().get_serve_details().get("proxy_location", "")).endswith("Disabled"):
+            raise JudgeAppMissing(
+                f"GenEval2 judge app {app!r} is not running, and Serve on this cluster was started without "
+                "HTTP proxies (for a handle-only reward application) while the judge is reached over HTTP: "
+                "start the judge first (`rtdmd-ray serve-rewards CONFIG` with geneval2 starts it before the "
+                "rewards), or restart Serve with proxies (`serve shutdown`, then rerun)"
+            )
     # the judge is reached over HTTP: Serve's proxies on (one per node, 127.0.0.1:8000 by default), unlike the
     # handle-only reward application
     serve.start()

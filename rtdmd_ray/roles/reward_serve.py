@@ -38,6 +38,7 @@ DEPLOYMENT_PREFIX = "reward_"
 DEFAULT_BATCH_IMAGES = 16  # a reward without rewards.batch_images: micro-batches of this many images
 LOOK_BACK_S = 2.0  # autoscaling averages the queue over this window (short: a training epoch is seconds long)
 METRICS_INTERVAL_S = 0.5  # how often replicas and handles report their queues (Serve's default is 10 s)
+METRICS_INTERVAL_WARNING = "The `metrics_interval_s` field in AutoscalingConfig is deprecated"
 START_TIMEOUT_S = 600.0
 
 
@@ -119,6 +120,11 @@ def _serve_classes() -> tuple[Any, Any]:
     if _CLASSES is None:
         from ray import serve
 
+        # metrics_interval_s is "to be replaced by" env vars in a future Serve; 2.60 honours it and warns each
+        # time a config holding it is validated (options, run, status). The env vars would have to reach every
+        # replica and handle process before Serve is imported, so the field stays and this one warning goes.
+        warnings.filterwarnings("ignore", message=METRICS_INTERVAL_WARNING, category=DeprecationWarning)
+
         replica = type("RewardReplica", (RewardReplica,), {})
         replica.score_image = serve.batch(max_batch_size=DEFAULT_BATCH_IMAGES, batch_wait_timeout_s=0.01)(
             RewardReplica.score_image
@@ -163,16 +169,12 @@ def reward_app(rewards: RewardsConfig, names: Sequence[str]) -> Any:
             "look_back_period_s": LOOK_BACK_S,
             "metrics_interval_s": METRICS_INTERVAL_S,
         }
-        with warnings.catch_warnings():
-            # metrics_interval_s is "to be replaced by" env vars in a future Serve; 2.60 honours it, and the
-            # env vars would have to reach every replica and handle process before Serve is imported
-            warnings.filterwarnings("ignore", message=".*metrics_interval_s", category=DeprecationWarning)
-            bound[name] = replica_dep.options(
-                name=deployment_name(name),
-                autoscaling_config=autoscaling,
-                max_ongoing_requests=max_ongoing_requests(rewards, name),
-                ray_actor_options=actor_options,
-            ).bind(name=name, rewards=rewards, threads=max(1, math.floor(float(d["cpus_per_replica"]))))
+        bound[name] = replica_dep.options(
+            name=deployment_name(name),
+            autoscaling_config=autoscaling,
+            max_ongoing_requests=max_ongoing_requests(rewards, name),
+            ray_actor_options=actor_options,
+        ).bind(name=name, rewards=rewards, threads=max(1, math.floor(float(d["cpus_per_replica"]))))
     return router_dep.options(name="RewardRouter", num_replicas=1,
                               ray_actor_options={"num_cpus": 0}).bind(bound)
 

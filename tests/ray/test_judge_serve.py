@@ -109,6 +109,7 @@ def serve_local(ray_local):
     from ray import serve
 
     port = free_port()
+    serve.shutdown()  # an earlier Serve (reward apps start it without HTTP proxies) would keep its options
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         yield port

@@ -218,3 +218,31 @@ def test_serve_rewards_cli_then_a_training_run_attaches(serve_on, tmp_path, caps
     finally:
         assert main(["serve-rewards", str(TINY_CONFIG), *app, "--delete"]) == 0
     assert "cli-shared" not in serve_on.status().applications
+
+
+def test_a_judge_cannot_start_on_a_serve_without_http_proxies(serve_on):
+    """Reward applications start Serve without HTTP proxies; a judge app (reached over HTTP) asked for after
+    that is refused with one line saying how to order or restart, instead of deploying an unreachable app."""
+    from rtdmd_ray.roles.judge_serve import JudgeAppMissing, ensure_judge_app
+    from rtdmd_ray.roles.reward_serve import start_reward_app
+
+    start_reward_app(RewardsConfig(weights={"brightness": 1.0}, serve={"cpus_per_replica": 0.25}),
+                     ["brightness"], "t-noproxy")
+    rewards = RewardsConfig(weights={"geneval2": 1.0}, options={"geneval2": {"serve_app": "judge-x"}})
+    with pytest.raises(JudgeAppMissing, match="without HTTP proxies") as err:
+        ensure_judge_app(rewards, ["geneval2"])
+    assert "\n" not in str(err.value) and "judge-x" not in serve_on.status().applications
+    assert ensure_judge_app(rewards, ["brightness"]) is None  # no geneval2: nothing to start
+
+
+def test_train_with_a_reward_that_fails_to_load_exits_2_with_one_line(serve_on, tmp_path, capsys):
+    from rtdmd_ray.cli import main
+    from tests.ray.tiny import TINY_CONFIG
+
+    rc = main(["train", str(TINY_CONFIG), f"train.output_dir={tmp_path}", "train.iterations=1",
+               "rewards.weights={brightness: 1.0, clipscore: 1.0}",
+               f"rewards.options={{clipscore: {{model: {tmp_path / 'no_such_clip'}}}}}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "Traceback" not in err[0], err
+    assert err[0].startswith("train: reward clipscore failed to load") and "no_such_clip" in err[0]
+    assert not [a for a in serve_on.status().applications if a.startswith("rtdmd-rewards")]
