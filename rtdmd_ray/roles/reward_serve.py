@@ -40,6 +40,8 @@ LOOK_BACK_S = 2.0  # autoscaling averages the queue over this window (short: a t
 METRICS_INTERVAL_S = 0.5  # how often replicas and handles report their queues (Serve's default is 10 s)
 METRICS_INTERVAL_WARNING = "The `metrics_interval_s` field in AutoscalingConfig is deprecated"
 START_TIMEOUT_S = 600.0
+# no access-log line per request: a run sends one request per image and reward (errors are still logged)
+QUIET_LOGS = {"enable_access_log": False}
 
 
 class RewardLoadError(RuntimeError):
@@ -174,9 +176,10 @@ def reward_app(rewards: RewardsConfig, names: Sequence[str]) -> Any:
             autoscaling_config=autoscaling,
             max_ongoing_requests=max_ongoing_requests(rewards, name),
             ray_actor_options=actor_options,
+            logging_config=QUIET_LOGS,
         ).bind(name=name, rewards=rewards, threads=max(1, math.floor(float(d["cpus_per_replica"]))))
-    return router_dep.options(name="RewardRouter", num_replicas=1,
-                              ray_actor_options={"num_cpus": 0}).bind(bound)
+    return router_dep.options(name="RewardRouter", num_replicas=1, ray_actor_options={"num_cpus": 0},
+                              logging_config=QUIET_LOGS).bind(bound)
 
 
 def _plain(x: Any) -> Any:
