@@ -87,9 +87,11 @@ def train(
     logger = None
     grace_s = 0.0  # a failure kills the roles at once (a rank may be stuck in a collective)
     try:
+        # the reward models load while the learners and samplers do; a reward that fails is reported below
+        roles["rewards"] = rewards = start_rewards(cfg, wait=False)
         roles["learners"] = learners = RLLearnerGroup(cfg)
         roles["samplers"] = samplers = SamplerGroup(cfg, record_noise=record_noise)
-        roles["rewards"] = rewards = start_rewards(cfg)
+        rewards.wait_ready()
         # policy version = epochs (generator updates) done; samplers start from the learner's weights
         start = learners.load_checkpoint(str(resume_from)) if resume_from else 0
         version = start
@@ -183,22 +185,23 @@ def train(
     finally:
         if logger is not None:
             logger.close()
-        for role in reversed(list(roles.values())):  # rewards, then samplers, then learners
-            role.shutdown(grace_s)
+        for key in ("rewards", "samplers", "learners"):  # the producers' consumers first
+            if key in roles:
+                roles[key].shutdown(grace_s)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def start_rewards(cfg: Config) -> Any:
+def start_rewards(cfg: Config, *, wait: bool = True) -> Any:
     """The reward role: one autoscaled Ray Serve deployment per reward (``rewards.serving: serve``, or
     attached to ``rewards.serve_app``), or the fixed actor pool (``actors``); both score with ``MultiScorer``
     semantics into ``ScoredBatch``es."""
     if cfg.rewards.serving == "serve":
         from rtdmd_ray.roles.reward_serve import RewardServePool
 
-        return RewardServePool(rewards=cfg.rewards)
+        return RewardServePool(rewards=cfg.rewards, wait=wait)
     from rtdmd_ray.roles.reward_pool import RewardPool
 
-    return RewardPool(rewards=cfg.rewards, resources=cfg.resources.reward_worker)
+    return RewardPool(rewards=cfg.rewards, resources=cfg.resources.reward_worker, wait=wait)
 
 
 def reward_cpus(cfg: Config) -> float:

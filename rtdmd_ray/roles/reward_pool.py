@@ -84,12 +84,19 @@ class RewardPool:
 
     Args:
         rewards: the ``rewards`` section; resources: ``resources.reward_worker``.
+        wait: wait here until the workers are up; False = ``wait_ready()`` later.
         timeout_s: the longest a scoring phase may take.
         max_attempts: how often one request is dispatched before the pool gives up (worker deaths).
     """
 
     def __init__(
-        self, *, rewards: RewardsConfig, resources: Any, timeout_s: float = 3600.0, max_attempts: int = 3
+        self,
+        *,
+        rewards: RewardsConfig,
+        resources: Any,
+        wait: bool = True,
+        timeout_s: float = 3600.0,
+        max_attempts: int = 3,
     ):
         from rtdmd_ray.roles.groups import RoleResources, create_actor_group
 
@@ -112,12 +119,18 @@ class RewardPool:
                 "threads": max(1, math.floor(r.cpus_per_actor)),
             },
         )
+        self.inflight = [0] * len(self.group)
+        self._ready_timeout_s = min(timeout_s, 600.0)
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Block until every reward worker has built its scorers (after ``wait=False``)."""
         try:
-            self.group.wait_ready(timeout_s=min(timeout_s, 600.0))
+            self.group.wait_ready(timeout_s=self._ready_timeout_s)
         except BaseException:
             self.group.shutdown()
             raise
-        self.inflight = [0] * len(self.group)
         self.redispatched = 0  # requests dispatched again after a reward worker died (whole run)
         self.resubmitted = 0  # sampler calls submitted again after a sampler died (whole run)
 

@@ -215,8 +215,11 @@ def _teaching_line(message: str) -> str:
     return lines[-1] if lines else "no message"
 
 
-def start_reward_app(rewards: RewardsConfig, names: Sequence[str], app_name: str) -> None:
-    """Deploy the reward application ``app_name`` and wait until every replica is up.
+def start_reward_app(
+    rewards: RewardsConfig, names: Sequence[str], app_name: str, *, wait: bool = True
+) -> None:
+    """Deploy the reward application ``app_name`` and (``wait``) wait until every replica is up; without
+    ``wait`` the replicas load in the background until ``wait_reward_app``.
 
     Raises:
         RewardLoadError: a reward's scorer failed to load; one line naming the reward and its error (the
@@ -226,8 +229,20 @@ def start_reward_app(rewards: RewardsConfig, names: Sequence[str], app_name: str
 
     serve.start(proxy_location="Disabled")  # handles only, no HTTP proxy (ignored when Serve already runs)
     try:
-        serve.run(reward_app(rewards, names), name=app_name, route_prefix=None, blocking=False)
-        _wait_running(app_name, START_TIMEOUT_S)
+        serve.run_many([serve.RunTarget(reward_app(rewards, names), name=app_name, route_prefix=None)],
+                       wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+    except Exception as e:
+        _delete_quietly(app_name)
+        line = _teaching_line(str(e))
+        raise RewardLoadError(f"reward application {app_name} failed to deploy: {line}") from e
+    if wait:
+        wait_reward_app(app_name)
+
+
+def wait_reward_app(app_name: str, timeout_s: float = START_TIMEOUT_S) -> None:
+    """Wait until every replica of the reward application ``app_name`` is up (see ``start_reward_app``)."""
+    try:
+        _wait_running(app_name, timeout_s)
     except RewardLoadError:
         raise
     except Exception as e:  # serve.run's own failure message is a multi-line traceback: name the reward
@@ -428,6 +443,8 @@ class RewardServePool:
             starting one).
         names: the rewards to serve (default: the training rewards, ``rewards.weights``; `rtdmd-ray eval`
             passes its eval rewards).
+        wait: wait here until the replicas are up; False = deploy and return (the reward models load while the
+            caller builds its other roles), then ``wait_ready()``.
         timeout_s: the longest a scoring phase may take.
         max_attempts: how often one image's request is sent before the pool gives up (replica deaths).
     """
@@ -437,10 +454,10 @@ class RewardServePool:
         *,
         rewards: RewardsConfig,
         names: Sequence[str] | None = None,
+        wait: bool = True,
         timeout_s: float = 3600.0,
         max_attempts: int = 3,
     ) -> None:
-        from ray import serve
 
         self.names = list(rewards.weights if names is None else names)
         self.weights = {k: float(rewards.weights.get(k, 1.0)) for k in self.names}
@@ -451,7 +468,7 @@ class RewardServePool:
         self.app_name = rewards.serve_app or rewards.serve.app_name or f"{DEFAULT_SHARED_APP}-{os.getpid()}"
         self.judge_app = ensure_judge_app(rewards, self.names)  # started here: deleted at shutdown
         if self.owned:
-            start_reward_app(rewards, self.names, self.app_name)
+            start_reward_app(rewards, self.names, self.app_name, wait=wait)
         else:
             running = replica_counts(self.app_name)
             missing = [n for n in self.names if n not in running]
@@ -461,8 +478,9 @@ class RewardServePool:
                     f"serves {sorted(running) or 'nothing'}); start it with `rtdmd-ray serve-rewards CONFIG "
                     f"rewards.serve.app_name={self.app_name}` with these rewards, or set rewards.serve_app=''"
                 )
-        self.handles = {n: serve.get_deployment_handle(deployment_name(n), app_name=self.app_name)
-                        for n in self.names}
+        self.handles: dict[str, Any] = {}  # reward -> DeploymentHandle, once its deployment exists
+        if wait or not self.owned:
+            self._connect()
         self.max_ongoing = {n: max_ongoing_requests(rewards, n) for n in self.names}
         self._replicas: dict[str, int] = {}
         self._counted_at = -math.inf
@@ -472,6 +490,19 @@ class RewardServePool:
 
     def __len__(self) -> int:
         return sum(replica_counts(self.app_name).values())
+
+    def wait_ready(self) -> None:
+        """Block until the replicas are up (after ``wait=False``); a reward that failed to load raises
+        ``RewardLoadError`` here, and the application is deleted."""
+        if self.owned:
+            wait_reward_app(self.app_name)
+        self._connect()
+
+    def _connect(self) -> None:
+        from ray import serve
+
+        self.handles = {n: serve.get_deployment_handle(deployment_name(n), app_name=self.app_name)
+                        for n in self.names}
 
     def _send(self, name: str, request_ref: Any, index: int) -> Any:
         return self.handles[name].remote((request_ref, index))
