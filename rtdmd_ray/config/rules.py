@@ -138,11 +138,15 @@ def check(cfg: Config) -> list[str]:
     if cfg.rewards.serve_app and cfg.rewards.serving != "serve":
         p.append(f"rewards.serve_app={cfg.rewards.serve_app} attaches to a Serve application: it needs "
                  "rewards.serving=serve (now actors)")
-    for key, amount in rs.custom.items():
-        positive(f"rewards.serve.custom.{key}", amount)
-        if key in ("CPU", "GPU", "memory"):
-            p.append(f"rewards.serve.custom.{key}: set cpus_per_replica / gpus_per_replica instead (custom "
-                     "holds the cluster's own resources, e.g. rtdmd_reward)")
+    reward_names("rewards.serve.custom_per_reward", rs.custom_per_reward)
+    customs = [("rewards.serve.custom", rs.custom),
+               *((f"rewards.serve.custom_per_reward.{n}", c) for n, c in rs.custom_per_reward.items())]
+    for where, custom in customs:
+        for key, amount in custom.items():
+            positive(f"{where}.{key}", amount)
+            if key in ("CPU", "GPU", "memory"):
+                p.append(f"{where}.{key}: set cpus_per_replica / gpus_per_replica instead (custom holds the "
+                         "cluster's own resources, e.g. rtdmd_reward)")
     for key in rs.judge:
         if key not in JUDGE_APP_FIELDS:
             close = difflib.get_close_matches(key, JUDGE_APP_FIELDS, n=1)

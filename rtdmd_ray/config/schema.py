@@ -462,6 +462,9 @@ class RewardServeConfig:
             conflicting pins (GenEval's mmdet 2.x) gets its own environment.
         custom: custom Ray resources every reward replica asks for {name: amount}, e.g. {rtdmd_reward: 0.25}
             pins the replicas to the cluster's reward node group (whose autoscaler then adds nodes for them).
+        custom_per_reward: a reward's own custom resources, replacing `custom` for it {reward: {name:
+            amount}}, e.g. {ocr: {rtdmd_reward_cpu: 1}} (with per_reward.ocr.gpus_per_replica: 0) puts OCR on
+            the CPU reward nodes.
         app_name: the Serve application a run starts ("" = "rtdmd-rewards-<pid>"); `rtdmd-ray
             serve-rewards` starts it under this name for `rewards.serve_app` to attach to.
         judge: the GenEval2 judge's own Serve app, started by the run (or `serve-rewards`) when
@@ -480,8 +483,13 @@ class RewardServeConfig:
     per_reward: Map[Map[Scalar]] = field(default_factory=FrozenDict)
     runtime_env: Map[Map[Any]] = field(default_factory=FrozenDict)
     custom: Map[Float] = field(default_factory=FrozenDict)
+    custom_per_reward: Map[Map[Float]] = field(default_factory=FrozenDict)
     app_name: Str = ""
     judge: Map[Any] = field(default_factory=FrozenDict)
+
+    def custom_for(self, name: str) -> dict[str, float]:
+        """The custom Ray resources one replica of reward ``name`` asks for."""
+        return {k: float(v) for k, v in self.custom_per_reward.get(name, self.custom).items()}
 
     def for_reward(self, name: str) -> dict[str, Any]:
         """The deployment fields of reward ``name``: the defaults above with its ``per_reward`` overrides."""

@@ -159,8 +159,9 @@ def reward_app(rewards: RewardsConfig, names: Sequence[str]) -> Any:
                                          "num_gpus": float(d["gpus_per_replica"])}
         if env:
             actor_options["runtime_env"] = _plain(env)
-        if rewards.serve.custom:  # pins the replicas to the reward node group
-            actor_options["resources"] = {k: float(v) for k, v in rewards.serve.custom.items()}
+        custom = rewards.serve.custom_for(name)
+        if custom:  # pins the replicas to the reward node group
+            actor_options["resources"] = custom
         autoscaling = {
             "min_replicas": int(d["min_replicas"]),
             "initial_replicas": int(d["min_replicas"]),

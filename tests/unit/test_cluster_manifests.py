@@ -260,6 +260,14 @@ def test_rayservice_serves_the_cluster_configs_rewards(rayservice):
         assert (auto.min_replicas, auto.max_replicas) == (want["min_replicas"], want["max_replicas"])
     with pytest.raises(ValueError, match="need config"):
         builder({"confg": args["config"]})
+    # one reward moved to the CPU reward pods: its own custom resource, no GPU; the others stay on reward-gpu
+    cpu_clip = ["rewards.serve.custom_per_reward={clipscore: {rtdmd_reward_cpu: 1}}",
+                "rewards.serve.per_reward={clipscore: {gpus_per_replica: 0}}"]
+    router = builder({**args, "overrides": cpu_clip})._bound_deployment
+    deployments = {k: v._bound_deployment for k, v in router.init_args[0].items()}
+    assert deployments["clipscore"].ray_actor_options["resources"] == {"rtdmd_reward_cpu": 1.0}
+    assert deployments["clipscore"].ray_actor_options["num_gpus"] == 0.0
+    assert deployments["hpsv2"].ray_actor_options["resources"] == {"rtdmd_reward": 1.0}
 
 
 def test_reward_replicas_fit_the_reward_group_and_its_autoscaling_range(raycluster):
