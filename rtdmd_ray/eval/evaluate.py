@@ -43,6 +43,7 @@ from rtdmd_ray.stages.inference import (
     config_hash,
     image_seed,
     png_info,
+    read_png,
 )
 
 SENTINEL = -10.0
@@ -407,9 +408,9 @@ def run_eval(
         if rewards is not None:
             rewards.shutdown()  # deletes the eval's own reward application (a shared one keeps running)
         if judge is not None:
-            from ray import serve
+            from rtdmd_ray.roles.judge_serve import delete_app
 
-            serve.delete(judge)
+            delete_app(judge)
         if group is not None:
             group.shutdown(grace_s)
 
@@ -581,18 +582,15 @@ def _score_batches_on_serve(
 ) -> None:
     """The PNGs of each batch decoded here (as an eval worker decodes them) and scored image by image on the
     reward deployments; a batch's time is the wall time since the previous batch finished."""
-    import io
     import time
 
     import torch
-    from PIL import Image
 
     from rtdmd_ray.roles.sampler import ScoreRequest
 
     def requests() -> Iterable[tuple[int, ScoreRequest, tuple[str, ...]]]:
         for k, batch in enumerate(batches):
-            arrays = [np.asarray(Image.open(io.BytesIO((st.dir / "images" / s.file_name(i)).read_bytes()))
-                                 .convert("RGB")) for s, i, _ in batch]
+            arrays = [read_png(st.dir / "images" / s.file_name(i))[0] for s, i, _ in batch]
             images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # uint8 [B, 3, H, W]
             yield k, ScoreRequest(images=images, prompts=[s.records[i]["prompt"] for s, i, _ in batch],
                                   metadata=[dict(s.records[i]) for s, i, _ in batch]), batch[0][2]

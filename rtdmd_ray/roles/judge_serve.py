@@ -401,13 +401,29 @@ def scorer_options(options: Mapping[str, Mapping[str, Any]], names: Sequence[str
     return out
 
 
+def judge_app_name(rewards: Any, names: Sequence[str] | Mapping[str, Any]) -> str:
+    """The judge app the rewards ``names`` score through (geneval2's ``serve_app`` option), or ""."""
+    if "geneval2" not in names:
+        return ""
+    return str(rewards.options.get("geneval2", {}).get("serve_app") or "")
+
+
+def delete_app(app_name: str) -> None:
+    """Delete the Serve application ``app_name``; nothing if it is already gone or Serve is shutting down."""
+    from ray import serve
+
+    try:
+        serve.delete(app_name)
+    except Exception:  # already gone, or Serve is shutting down
+        pass
+
+
 def ensure_judge_app(rewards: Any, names: Sequence[str] | Mapping[str, Any]) -> str | None:
     """Start the GenEval2 judge's app (``rewards.serve.judge``) when a reward of ``names`` is geneval2 with
     ``rewards.options.geneval2.serve_app`` naming an app that is not running; returns its name when this call
-    started it (the caller deletes it at the end), else None (no judge app needed, or a shared one runs)."""
-    if "geneval2" not in names:
-        return None
-    app = str(rewards.options.get("geneval2", {}).get("serve_app") or "")
+    started it (the caller deletes it at the end, ``delete_app``), else None (no judge app needed, or a shared
+    one runs)."""
+    app = judge_app_name(rewards, names)
     if not app:
         return None
     from ray import serve

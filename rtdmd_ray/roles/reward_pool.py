@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from rtdmd_ray.config import RewardsConfig
-from rtdmd_ray.roles.judge_serve import ensure_judge_app, scorer_options
+from rtdmd_ray.roles.judge_serve import delete_app, ensure_judge_app, scorer_options
 from rtdmd_ray.types import ScoredBatch
 
 
@@ -121,6 +121,8 @@ class RewardPool:
         )
         self.inflight = [0] * len(self.group)
         self._ready_timeout_s = min(timeout_s, 600.0)
+        self.redispatched = 0  # requests dispatched again after a reward worker died (whole run)
+        self.resubmitted = 0  # sampler calls submitted again after a sampler died (whole run)
         if wait:
             self.wait_ready()
 
@@ -131,8 +133,6 @@ class RewardPool:
         except BaseException:
             self.group.shutdown()
             raise
-        self.redispatched = 0  # requests dispatched again after a reward worker died (whole run)
-        self.resubmitted = 0  # sampler calls submitted again after a sampler died (whole run)
 
     def __len__(self) -> int:
         return len(self.group)
@@ -189,11 +189,9 @@ class RewardPool:
             ready, _ = ray.wait([*waiting, *pending], num_returns=1, timeout=left)
             for ref in ready:
                 if ref in waiting:  # a sampler call finished: its images go to the pool now
-                    job = waiting.pop(ref)
-                    if resubmit is not None and _source_failed(job):  # its sampler died: sample it again
+                    job = take_sampled_call(waiting, ref, resubmit)
+                    if job is None:  # its sampler died: sampled again
                         self.resubmitted += 1
-                        job = resubmit(job)
-                        waiting[job.request_ref] = job
                         continue
                     self._dispatch(job, ref, pending, attempt=1)
                     if not waiting:
@@ -233,9 +231,20 @@ class RewardPool:
     def shutdown(self, grace_s: float = 0.0) -> None:
         self.group.shutdown(grace_s)
         if self.judge_app:  # the GenEval2 judge's app this run started
-            from ray import serve
+            delete_app(self.judge_app)
 
-            serve.delete(self.judge_app)
+
+def take_sampled_call(
+    waiting: dict[Any, Any], ref: Any, resubmit: Callable[[Any], Any] | None
+) -> Any | None:
+    """The job whose sampler call ``ref`` finished, taken out of ``waiting`` ({request ref: job}); None when
+    its sampler died and the job was submitted again (``resubmit``; back in ``waiting`` under its new ref)."""
+    job = waiting.pop(ref)
+    if resubmit is not None and _source_failed(job):
+        job = resubmit(job)
+        waiting[job.request_ref] = job
+        return None
+    return job
 
 
 def _source_failed(job: Any) -> bool:

@@ -32,6 +32,7 @@ import torch
 
 from rtdmd_ray.config import RewardsConfig
 from rtdmd_ray.rewards.multi import MEAN_KEY, merge_reward_results
+from rtdmd_ray.roles.judge_serve import delete_app
 from rtdmd_ray.types import ScoredBatch
 
 DEPLOYMENT_PREFIX = "reward_"
@@ -233,7 +234,7 @@ def start_reward_app(
         serve.run_many([serve.RunTarget(reward_app(rewards, names), name=app_name, route_prefix=None)],
                        wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
     except Exception as e:
-        _delete_quietly(app_name)
+        delete_app(app_name)
         line = _teaching_line(str(e))
         raise RewardLoadError(f"reward application {app_name} failed to deploy: {line}") from e
     if wait:
@@ -241,22 +242,11 @@ def start_reward_app(
 
 
 def wait_reward_app(app_name: str, timeout_s: float = START_TIMEOUT_S) -> None:
-    """Wait until every replica of the reward application ``app_name`` is up (see ``start_reward_app``)."""
-    try:
-        _wait_running(app_name, timeout_s)
-    except RewardLoadError:
-        raise
-    except Exception as e:  # serve.run's own failure message is a multi-line traceback: name the reward
-        failed = _failed_deployments(app_name)
-        _delete_quietly(app_name)
-        if failed:
-            name, line = next(iter(failed.items()))
-            raise RewardLoadError(f"reward {name} failed to load on its Serve replica: {line}") from None
-        line = _teaching_line(str(e))
-        raise RewardLoadError(f"reward application {app_name} failed to start: {line}") from e
+    """Wait until every replica of the reward application ``app_name`` is up (see ``start_reward_app``).
 
-
-def _wait_running(app_name: str, timeout_s: float) -> None:
+    Raises:
+        RewardLoadError: a reward's deployment failed (the application is deleted), or the timeout passed.
+    """
     from ray import serve
 
     deadline = time.monotonic() + timeout_s
@@ -267,22 +257,13 @@ def _wait_running(app_name: str, timeout_s: float) -> None:
             return
         failed = _failed_deployments(app_name)
         if failed or status == "DEPLOY_FAILED":
-            _delete_quietly(app_name)
+            delete_app(app_name)
             name, line = next(iter(failed.items())) if failed else ("?", app.message if app else "")
             raise RewardLoadError(f"reward {name} failed to load on its Serve replica: {line}")
         if time.monotonic() > deadline:
             raise RewardLoadError(f"reward application {app_name} not running after {timeout_s:.0f} s "
                                   f"(status {status}); check `serve status` and the replicas' logs")
         time.sleep(0.2)
-
-
-def _delete_quietly(app_name: str) -> None:
-    from ray import serve
-
-    try:
-        serve.delete(app_name)
-    except Exception:  # already gone, or Serve is shutting down
-        pass
 
 
 def replica_counts(app_name: str) -> dict[str, int]:
@@ -345,7 +326,7 @@ def serve_rewards(cfg: Any, *, address: str | None = None, delete: bool = False)
     """
     import ray
 
-    from rtdmd_ray.roles.judge_serve import ensure_judge_app
+    from rtdmd_ray.roles.judge_serve import ensure_judge_app, judge_app_name
 
     if not ray.is_initialized():
         where = address or os.environ.get("RAY_ADDRESS") or "auto"
@@ -359,10 +340,10 @@ def serve_rewards(cfg: Any, *, address: str | None = None, delete: bool = False)
     app = cfg.rewards.serve.app_name or DEFAULT_SHARED_APP
     names = served_reward_names(cfg)
     if delete:
-        _delete_quietly(app)
-        judge = str(cfg.rewards.options.get("geneval2", {}).get("serve_app") or "")
-        if judge and "geneval2" in names:
-            _delete_quietly(judge)
+        judge = judge_app_name(cfg.rewards, names)
+        for name in (app, judge):
+            if name:
+                delete_app(name)
         return {"app": app, "replicas": {}, "judge": judge or None}
     judge = ensure_judge_app(cfg.rewards, names)
     start_reward_app(cfg.rewards, names, app)
@@ -459,12 +440,11 @@ class RewardServePool:
         timeout_s: float = 3600.0,
         max_attempts: int = 3,
     ) -> None:
+        from rtdmd_ray.roles.judge_serve import ensure_judge_app
 
         self.names = list(rewards.weights if names is None else names)
         self.weights = {k: float(rewards.weights.get(k, 1.0)) for k in self.names}
         self.timeout_s, self.max_attempts = timeout_s, max_attempts
-        from rtdmd_ray.roles.judge_serve import ensure_judge_app
-
         self.owned = not rewards.serve_app
         self.app_name = rewards.serve_app or rewards.serve.app_name or f"{DEFAULT_SHARED_APP}-{os.getpid()}"
         self.judge_app = ensure_judge_app(rewards, self.names)  # started here: deleted at shutdown
@@ -527,7 +507,7 @@ class RewardServePool:
         """Score every job's images with every reward as soon as its sampler call finishes (the actor pool's
         ``RewardPool.score`` contract: ``({key: ScoredBatch}, metrics)``)."""
 
-        from rtdmd_ray.roles.reward_pool import _source_failed
+        from rtdmd_ray.roles.reward_pool import take_sampled_call
 
         waiting = {j.request_ref: j for j in jobs}
         pending = self._in_flight()  # image requests, meta (job, reward, index, attempt)
@@ -546,11 +526,9 @@ class RewardServePool:
                 )
             calls, images = pending.wait(list(waiting), remaining)
             for ref in calls:  # a sampler call finished: its images go to every reward now
-                job = waiting.pop(ref)
-                if resubmit is not None and _source_failed(job):  # its sampler died: sample it again
+                job = take_sampled_call(waiting, ref, resubmit)
+                if job is None:  # its sampler died: sampled again
                     self.resubmitted += 1
-                    job = resubmit(job)
-                    waiting[job.request_ref] = job
                     continue
                 n = int(job.num_images)
                 parts[job.key] = {name: [None] * n for name in self.names}
@@ -682,6 +660,6 @@ class RewardServePool:
     def shutdown(self, grace_s: float = 0.0) -> None:
         """Delete the applications this run started (an attached shared one keeps running)."""
         if self.owned:
-            _delete_quietly(self.app_name)
+            delete_app(self.app_name)
         if self.judge_app:
-            _delete_quietly(self.judge_app)
+            delete_app(self.judge_app)
